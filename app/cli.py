@@ -1,0 +1,80 @@
+"""The ``distillery`` command. Subcommands call the same functions as ``jobs/``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("distillery")
+
+
+def _refine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", action="append", required=True, metavar="PATH_OR_GLOB",
+                   help="input file, directory or glob (JSONL[.gz|.zst], Parquet, text); repeatable")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/refine.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config value, e.g. --set dedup.near.threshold=0.85; repeatable")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory's results")
+    p.add_argument("--keep-work", action="store_true", help="keep the intermediate _work/ directory")
+    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from app.config import ConfigError, RefineConfig, load_config
+
+    try:
+        cfg = load_config(RefineConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from app.raystart import init_ray
+    from app.refine.pipeline import AccountingError, default_out_line, run_refine
+
+    init_ray(args.address, args.num_cpus)
+    try:
+        report = run_refine(args.input, args.output, cfg, overwrite=args.overwrite, keep_work=args.keep_work)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"refine: {e}", file=sys.stderr)
+        return 2
+    except AccountingError as e:
+        print(f"refine: accounting failed: {e}", file=sys.stderr)
+        return 3
+    c = report["counts"]
+    print(f"input {c['input']}  kept {c['kept']}  dropped {c['dropped']}  quarantined {c['quarantined']}  "
+          f"({report['accounting']['message']})")
+    for reason, n in report["drop_reasons"].items():
+        print(f"  {reason:32s} {n}")
+    print(default_out_line(args.output))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from app.refine.sample import build_sample_corpus
+
+    info = build_sample_corpus(args.out, shards=args.shards, with_bad_records=not args.clean)
+    print(f"sample corpus: {info['documents']} documents from {info['files_read']} files in {info['shards']} shards "
+          f"-> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="distillery", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("refine", help="dedup + quality-filter a corpus (the refine job)")
+    _refine_args(p)
+    p.set_defaults(fn=cmd_refine)
+    p = sub.add_parser("sample-corpus", help="build the sample corpus from text installed on this machine")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--clean", action="store_true", help="no malformed records")
+    p.set_defaults(fn=cmd_sample)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

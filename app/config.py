@@ -1,0 +1,301 @@
+"""Typed configuration: dataclasses with a docstring per field, YAML loading, ``--set a.b=c`` overrides.
+
+Every unknown key and every bad value is a ``ConfigError`` that names the dotted key.
+``configs/refine.yaml`` mirrors ``RefineConfig`` field for field (a test keeps them in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _frac(value: Optional[float], key: str) -> None:
+    if value is not None:
+        _check(0.0 <= value <= 1.0, key, f"must be between 0 and 1, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------- refine
+
+
+@dataclass
+class IOConfig:
+    max_doc_bytes: int = 16 * 1024 * 1024
+    """Records (JSONL lines, text files, Parquet texts) larger than this go to quarantine as `oversized`."""
+    text_field: str = "text"
+    """Name of the text field in JSONL objects and Parquet files."""
+    id_field: str = "id"
+    """Name of the optional id field; without it the id is derived from source + line number."""
+    block_rows: int = 2048
+    """Rows per block the reader yields (bounds reader memory together with `max_doc_bytes`)."""
+    batch_size: int = 512
+    """Rows per batch in the scoring steps."""
+    quarantine_raw_bytes: int = 1024 * 1024
+    """At most this many raw bytes of a quarantined record are kept (the full size is recorded)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_doc_bytes", "block_rows", "batch_size", "quarantine_raw_bytes"):
+            _check(getattr(self, name) > 0, f"io.{name}", "must be > 0")
+
+
+@dataclass
+class HeuristicsConfig:
+    """Gopher quality + repetition rules (Rae et al. 2021, App. A) and C4 rules (Raffel et al. 2020).
+
+    Every threshold is optional: ``null`` switches that rule off (its signal column is still written).
+    """
+
+    enabled: bool = True
+    """Compute the heuristic signal columns and apply the rules below."""
+    min_words: Optional[int] = 50
+    """gopher_min_words: fewer words than this fails."""
+    max_words: Optional[int] = 100_000
+    """gopher_max_words: more words than this fails."""
+    min_mean_word_length: Optional[float] = 3.0
+    """gopher_mean_word_length: mean word length below this fails."""
+    max_mean_word_length: Optional[float] = 10.0
+    """gopher_mean_word_length: mean word length above this fails."""
+    max_symbol_word_ratio: Optional[float] = 0.1
+    """gopher_symbol_ratio: (# '#' + # '...'/'…') / words above this fails."""
+    max_bullet_lines_frac: Optional[float] = 0.9
+    """gopher_bullet_lines: fraction of lines starting with a bullet above this fails."""
+    max_ellipsis_lines_frac: Optional[float] = 0.3
+    """gopher_ellipsis_lines: fraction of lines ending in an ellipsis above this fails."""
+    min_alpha_words_frac: Optional[float] = 0.8
+    """gopher_alpha_words: fraction of words with an alphabetic character below this fails."""
+    min_stop_words: Optional[int] = 2
+    """gopher_stop_words: fewer of {the, be, to, of, and, that, have, with} than this fails."""
+    max_dup_line_frac: Optional[float] = 0.30
+    """gopher_dup_lines: fraction of lines that duplicate an earlier line above this fails."""
+    max_dup_para_frac: Optional[float] = 0.30
+    """gopher_dup_paragraphs: fraction of paragraphs that duplicate an earlier one above this fails."""
+    max_dup_line_char_frac: Optional[float] = 0.20
+    """gopher_dup_line_chars: characters in duplicate lines / all characters above this fails."""
+    max_dup_para_char_frac: Optional[float] = 0.20
+    """gopher_dup_paragraph_chars: characters in duplicate paragraphs / all characters above this fails."""
+    max_top_2gram_char_frac: Optional[float] = 0.20
+    """gopher_top_2gram: characters of the most frequent word 2-gram / all word characters above this fails."""
+    max_top_3gram_char_frac: Optional[float] = 0.18
+    """gopher_top_3gram: as above for 3-grams."""
+    max_top_4gram_char_frac: Optional[float] = 0.16
+    """gopher_top_4gram: as above for 4-grams."""
+    max_dup_5gram_char_frac: Optional[float] = 0.15
+    """gopher_dup_5gram: characters covered by repeated word 5-grams / all word characters above this fails."""
+    max_dup_6gram_char_frac: Optional[float] = 0.14
+    """gopher_dup_6gram: as above for 6-grams."""
+    max_dup_7gram_char_frac: Optional[float] = 0.13
+    """gopher_dup_7gram: as above for 7-grams."""
+    max_dup_8gram_char_frac: Optional[float] = 0.12
+    """gopher_dup_8gram: as above for 8-grams."""
+    max_dup_9gram_char_frac: Optional[float] = 0.11
+    """gopher_dup_9gram: as above for 9-grams."""
+    max_dup_10gram_char_frac: Optional[float] = 0.10
+    """gopher_dup_10gram: as above for 10-grams."""
+    c4_lorem_ipsum: bool = True
+    """c4_lorem_ipsum: a document containing "lorem ipsum" fails."""
+    c4_curly_bracket: bool = True
+    """c4_curly_bracket: a document containing "{" fails (C4's code filter)."""
+    c4_min_sentences: Optional[int] = 5
+    """c4_min_sentences: fewer sentences in C4-kept lines (>= 3 words, terminal punctuation) fails."""
+    c4_max_word_length: Optional[int] = 1000
+    """c4_max_word_length: a word longer than this many characters fails."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("_frac"):
+                _frac(v, f"heuristics.{f.name}")
+            elif v is not None and not isinstance(v, bool):
+                _check(v >= 0, f"heuristics.{f.name}", f"must be >= 0, got {v!r}")
+        if self.min_words is not None and self.max_words is not None:
+            _check(self.min_words <= self.max_words, "heuristics.min_words", "must be <= heuristics.max_words")
+
+
+@dataclass
+class ExactDedupConfig:
+    enabled: bool = True
+    """Drop documents whose normalized text equals one with a smaller id (`exact_duplicate`)."""
+
+
+@dataclass
+class NearDedupConfig:
+    enabled: bool = True
+    """MinHash/LSH near-duplicate removal (`near_duplicate`)."""
+    threshold: float = 0.8
+    """Jaccard similarity of word-shingle sets at which two documents are near duplicates."""
+    num_perm: int = 128
+    """MinHash permutations (signature length)."""
+    ngram: int = 5
+    """Words per shingle."""
+    seed: int = 1
+    """Seed of the MinHash permutations (datasketch's)."""
+    verify: bool = True
+    """Check every LSH candidate pair against exact Jaccard before linking it."""
+    fp_weight: float = 0.2
+    """False-positive weight for datasketch's optimal bands/rows (verification removes false positives)."""
+    fn_weight: float = 0.8
+    """False-negative weight for datasketch's optimal bands/rows."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.threshold <= 1.0, "dedup.near.threshold", f"must be in (0, 1], got {self.threshold!r}")
+        _check(self.num_perm >= 2, "dedup.near.num_perm", "must be >= 2")
+        _check(self.ngram >= 1, "dedup.near.ngram", "must be >= 1")
+        _check(self.seed >= 0, "dedup.near.seed", "must be >= 0")
+        _frac(self.fp_weight, "dedup.near.fp_weight")
+        _frac(self.fn_weight, "dedup.near.fn_weight")
+        _check(abs(self.fp_weight + self.fn_weight - 1.0) < 1e-9, "dedup.near.fp_weight", "fp_weight + fn_weight must be 1")
+
+
+@dataclass
+class DedupConfig:
+    exact: ExactDedupConfig = field(default_factory=ExactDedupConfig)
+    """Exact deduplication on the normalized text hash."""
+    near: NearDedupConfig = field(default_factory=NearDedupConfig)
+    """Near deduplication with MinHash + LSH."""
+    num_partitions: int = 8
+    """Hash partitions of the dedup graph work (verification, connected components, labels).
+    Size them so one partition's candidate texts fit a worker comfortably (~1-4 GB)."""
+    max_cc_rounds: int = 64
+    """Give up (error) if connected components have not converged after this many rounds."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_partitions >= 1, "dedup.num_partitions", "must be >= 1")
+        _check(self.max_cc_rounds >= 1, "dedup.max_cc_rounds", "must be >= 1")
+
+
+@dataclass
+class PerplexityConfig:
+    enabled: bool = False
+    """GPU perplexity under a reference LM. Not in this release yet: only `false` is accepted."""
+
+    def __post_init__(self) -> None:
+        _check(not self.enabled, "perplexity.enabled", "perplexity scoring is not available in this release yet")
+
+
+@dataclass
+class ToxicityConfig:
+    enabled: bool = False
+    """Detoxify toxicity scoring. Not in this release yet: only `false` is accepted."""
+
+    def __post_init__(self) -> None:
+        _check(not self.enabled, "toxicity.enabled", "toxicity scoring is not available in this release yet")
+
+
+@dataclass
+class RefineConfig:
+    io: IOConfig = field(default_factory=IOConfig)
+    """Reading, parsing and quarantine."""
+    heuristics: HeuristicsConfig = field(default_factory=HeuristicsConfig)
+    """Heuristic quality signals and rules."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Exact and near deduplication."""
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    """Perplexity scoring (next release)."""
+    toxicity: ToxicityConfig = field(default_factory=ToxicityConfig)
+    """Toxicity scoring (next release)."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin is Literal:
+        _check(value in typing.get_args(tp), key, f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if value is None:
+        raise ConfigError(f"{key}: must not be null")
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], yaml-parsed c)."""
+    if "=" not in item:
+        raise ConfigError(f"{item}: an override must look like key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
+    return key.split("."), value
+
+
+def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Any:
+    """Defaults <- YAML file <- ``--set`` overrides, validated; errors name the key."""
+    data: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if loaded is not None:
+            _check(isinstance(loaded, dict), str(path), "the top level must be a mapping")
+            data = loaded
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.setdefault(k, {})
+            _check(isinstance(nxt, dict), ".".join(keys[: i + 1]), "is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return _build(cls, data)

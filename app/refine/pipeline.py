@@ -1,0 +1,177 @@
+"""The refine job as a Ray Data plan.
+
+    pass 1 (streaming)   read + parse/quarantine -> normalize -> heuristics -> exact key -> MinHash bands
+                         -> WorkSink: _work/docs/p=<part>/ (by id hash) + quarantine/
+    pass 2 (shuffle)     bucket rows (exact key + band keys) -> Ray Data groupby(key).map_groups -> edges
+    pass 3 (Ray tasks)   verify candidates (exact Jaccard) -> connected components -> duplicates/ + labels
+    pass 4 (streaming)   _work/docs -> decide -> OutputSink: kept/ + dropped/
+    report               report.json (+ report.html), accounting checked: input = kept + dropped + quarantined
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+import pyarrow as pa
+import ray
+
+from app.config import RefineConfig, to_dict
+from app.refine.components import dedup_graph
+from app.refine.decide import decide_step
+from app.refine.exact import exact_step
+from app.refine.heuristics import heuristics_step
+from app.refine.io import CorpusDatasource, expand_inputs
+from app.refine.lsh import bucket_edges, bucket_rows, minhash_step, partition_of
+from app.refine.minhash import lsh_params
+from app.refine.normalize import normalize_step
+from app.refine.report import AccountingError, build_report, write_report
+from app.refine.sinks import OutputSink, WorkSink
+
+log = logging.getLogger(__name__)
+
+OUTPUT_ENTRIES = ("kept", "dropped", "quarantine", "duplicates", "_work", "report.json", "report.html", "config.yaml")
+
+
+@ray.remote(num_cpus=0)
+class StepStats:
+    """Collects (seconds, docs in, docs out) per step from every worker."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, dict] = {}
+
+    def add(self, name: str, seconds: float, docs_in: int, docs_out: int) -> None:
+        s = self.steps.setdefault(name, {"seconds": 0.0, "docs_in": 0, "docs_out": 0})
+        s["seconds"] += seconds
+        s["docs_in"] += docs_in
+        s["docs_out"] += docs_out
+
+    def get(self) -> dict:
+        return self.steps
+
+
+def _timed(name: str, fn, stats, table: pa.Table) -> pa.Table:
+    t0 = time.perf_counter()
+    out = fn(table)
+    good = table.column("error").null_count  # rows without a parse error
+    stats.add.remote(name, time.perf_counter() - t0, good, good)
+    return out
+
+
+_LABEL_CACHE: dict = {}
+
+
+def _decide_batch(table: pa.Table, *, label_refs: list, k: int, heuristics_cfg, heuristics_enabled: bool, stats) -> pa.Table:
+    t0 = time.perf_counter()
+    labels: dict = {}
+    if label_refs:
+        for p in set(partition_of(table.column("id").to_pylist(), k).tolist()):
+            key = label_refs[p].hex()
+            if key not in _LABEL_CACHE:
+                if len(_LABEL_CACHE) > 4 * k:
+                    _LABEL_CACHE.clear()
+                t = ray.get(label_refs[p])
+                _LABEL_CACHE[key] = dict(zip(t.column("id").to_pylist(), zip(
+                    t.column("exact_of").to_pylist(), t.column("near_of").to_pylist(), t.column("near_similarity").to_pylist())))
+            labels.update(_LABEL_CACHE[key])
+    out = decide_step(table.drop_columns([c for c in ("bands", "p") if c in table.column_names]), labels,
+                      heuristics_cfg, heuristics_enabled)
+    kept = out.column("drop_reason").null_count
+    stats.add.remote("decide", time.perf_counter() - t0, table.num_rows, kept)
+    return out
+
+
+def prepare_output(out_dir: str, overwrite: bool) -> None:
+    present = [e for e in OUTPUT_ENTRIES if os.path.exists(os.path.join(out_dir, e))]
+    if present and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds refine output ({', '.join(present)}); "
+                              "pass --overwrite to replace it")
+    for e in present:
+        p = os.path.join(out_dir, e)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite: bool = False,
+               keep_work: bool = False) -> dict:
+    """Run the whole refine job; returns the report (also written to ``out_dir/report.json``)."""
+    import yaml
+
+    t_start = time.time()
+    files = expand_inputs(inputs)
+    out_dir = os.path.abspath(out_dir)
+    prepare_output(out_dir, overwrite)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    work_docs = os.path.join(out_dir, "_work", "docs")
+    k = cfg.dedup.num_partitions
+    near, exact = cfg.dedup.near, cfg.dedup.exact
+    bands, rows = lsh_params(near.threshold, near.num_perm, near.fp_weight, near.fn_weight)
+    stats = StepStats.remote()
+    phases: dict[str, float] = {}
+    log.info("refine: %d input files -> %s (LSH bands=%d rows=%d, %d partitions)", len(files), out_dir, bands, rows, k)
+
+    # ---- pass 1: parse, score, hash; quarantine the malformed
+    t0 = time.time()
+    ds = ray.data.read_datasource(CorpusDatasource(
+        files, text_field=cfg.io.text_field, id_field=cfg.io.id_field, max_doc_bytes=cfg.io.max_doc_bytes,
+        block_rows=cfg.io.block_rows, quarantine_raw_bytes=cfg.io.quarantine_raw_bytes))
+    steps = [("normalize", normalize_step), ("exact_hash", exact_step)]
+    if cfg.heuristics.enabled:
+        steps.insert(1, ("heuristics", heuristics_step))
+    if near.enabled:
+        steps.append(("minhash", functools.partial(minhash_step, num_perm=near.num_perm, ngram=near.ngram,
+                                                   seed=near.seed, bands=bands, rows=rows)))
+    for name, fn in steps:
+        ds = ds.map_batches(functools.partial(_timed, name, fn, stats), batch_format="pyarrow",
+                            batch_size=cfg.io.batch_size)
+    work_sink = WorkSink(work_docs, os.path.join(out_dir, "quarantine"), k)
+    ds.write_datasink(work_sink)
+    phases["parse_and_score"] = time.time() - t0
+    n_good = sum(c["records"] - c["quarantined"] for c in work_sink.counts.values())
+
+    # ---- pass 2 + 3: duplicate graph
+    label_refs: list = []
+    graph_stats: dict = {"verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "duplicate_rows": 0}
+    if (exact.enabled or near.enabled) and n_good:
+        t0 = time.time()
+        cols = ["id", "exact_hash"] + (["bands"] if near.enabled else [])
+        edges = (ray.data.read_parquet(work_docs, columns=cols)
+                 .map_batches(functools.partial(bucket_rows, exact=exact.enabled, near=near.enabled),
+                              batch_format="pyarrow", batch_size=cfg.io.batch_size)
+                 .groupby("key").map_groups(bucket_edges, batch_format="pyarrow"))
+        edge_refs = edges.to_arrow_refs()
+        phases["buckets"] = time.time() - t0
+        t0 = time.time()
+        label_refs, graph_stats = dedup_graph(edge_refs, work_docs=work_docs, out_dir=out_dir, k=k, ngram=near.ngram,
+                                              threshold=near.threshold, verify=near.verify, max_rounds=cfg.dedup.max_cc_rounds)
+        phases["dedup_graph"] = time.time() - t0
+
+    # ---- pass 4: decide and write
+    t0 = time.time()
+    out_sink = OutputSink(out_dir)
+    if n_good:
+        ds = ray.data.read_parquet(work_docs).map_batches(
+            functools.partial(_decide_batch, label_refs=label_refs, k=k, heuristics_cfg=cfg.heuristics,
+                              heuristics_enabled=cfg.heuristics.enabled, stats=stats),
+            batch_format="pyarrow", batch_size=cfg.io.batch_size)
+        ds.write_datasink(out_sink)
+    phases["decide_and_write"] = time.time() - t0
+    phases["total"] = time.time() - t_start
+
+    report = build_report(files=files, cfg=cfg, ingest=work_sink.counts, output=out_sink.counts,
+                          steps=ray.get(stats.get.remote()), graph=graph_stats, phases=phases,
+                          lsh={"bands": bands, "rows": rows}, out_dir=out_dir)
+    write_report(report, out_dir)
+    if not keep_work:
+        shutil.rmtree(os.path.join(out_dir, "_work"), ignore_errors=True)
+    if not report["accounting"]["ok"]:
+        raise AccountingError(report["accounting"]["message"])
+    return report
+
+
+def default_out_line(out_dir: str) -> str:
+    return f"report: {os.path.join(os.path.abspath(out_dir), 'report.html')}"
+
