@@ -145,9 +145,9 @@ class NearDedupConfig:
     """Seed of the MinHash permutations (datasketch's)."""
     verify: bool = True
     """Check every LSH candidate pair against exact Jaccard before linking it."""
-    fp_weight: float = 0.2
+    fp_weight: float = 0.05
     """False-positive weight for datasketch's optimal bands/rows (verification removes false positives)."""
-    fn_weight: float = 0.8
+    fn_weight: float = 0.95
     """False-negative weight for datasketch's optimal bands/rows."""
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 import numpy as np
@@ -286,6 +287,7 @@ def dedup_graph(edge_refs: list, *, work_docs: str, out_dir: str, k: int, ngram:
 
     Writes ``out_dir/duplicates/part-<k>.parquet``.
     """
+    t0 = time.time()
     files = [docs_files(work_docs, p) for p in range(k)]
     split = [_split_edges.options(num_returns=2 * k).remote(r, k) for r in edge_refs]
     near_by_a = [[s[i] for s in split] for i in range(k)]
@@ -295,6 +297,8 @@ def dedup_graph(edge_refs: list, *, work_docs: str, out_dir: str, k: int, ngram:
     first = _as_lists([_attach_first.options(num_returns=k).remote(files[i], k, *near_by_a[i]) for i in range(k)], k)
     verified = [_attach_second.remote(files[i], ngram, threshold if verify else None, *first[i]) for i in range(k)]
     n_verified = sum(ray.get([_count.remote(v) for v in verified]))
+    log.info("dedup graph: %d candidate blocks, %d verified near edges (%.1fs)", len(edge_refs), n_verified, time.time() - t0)
+    t0 = time.time()
 
     stars, rounds = connected_components(verified, k, max_rounds) if n_verified else ([_empty_edges.remote() for _ in range(k)], 0)
     roots = _as_lists([_roots.options(num_returns=k).remote(k, s) for s in stars], k)
@@ -307,6 +311,7 @@ def dedup_graph(edge_refs: list, *, work_docs: str, out_dir: str, k: int, ngram:
                                                       exact_by_id[i], roots[i], [sims[i]]) for i in range(k)]
     labels = [f[0] for f in finals]
     part_stats = ray.get([f[1] for f in finals])
+    log.info("dedup graph: %d connected-component rounds, similarities and labels (%.1fs)", rounds, time.time() - t0)
     stats = {"verified_edges": int(n_verified), "cc_rounds": rounds,
              "exact_clusters": sum(s["exact_clusters"] for s in part_stats),
              "near_clusters": sum(s["near_clusters"] for s in part_stats),

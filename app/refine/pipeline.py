@@ -141,7 +141,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
         edges = (ray.data.read_parquet(work_docs, columns=cols)
                  .map_batches(functools.partial(bucket_rows, exact=exact.enabled, near=near.enabled),
                               batch_format="pyarrow", batch_size=cfg.io.batch_size)
-                 .groupby("key").map_groups(bucket_edges, batch_format="pyarrow"))
+                 .groupby("key", num_partitions=k).map_groups(bucket_edges, batch_format="pyarrow"))
         edge_refs = edges.to_arrow_refs()
         phases["buckets"] = time.time() - t0
         t0 = time.time()

@@ -1,0 +1,48 @@
+"""Shared fixtures: a session-scoped local Ray bound to loopback, tiny corpora written per test."""
+
+import json
+import os
+
+# Ray must bind to loopback only: set before Ray is imported anywhere.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def write_jsonl(path, records):
+    """Write records (dicts, or raw bytes lines) as JSONL."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        for r in records:
+            f.write((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_texts():
+    """Real prose from this machine: licence files and package descriptions (deduplicated, >= 60 words)."""
+    from app.refine.minhash import words
+    from app.refine.sample import collect_texts
+
+    seen, out = set(), []
+    for _origin, text in collect_texts():
+        key = " ".join(words(text))
+        if key in seen or len(key.split()) < 60:
+            continue
+        seen.add(key)
+        out.append(text)
+    assert len(out) >= 60, "need real text on the machine"
+    return out

@@ -1,0 +1,73 @@
+import random
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from app.refine.lsh import bucket_edges
+
+
+def _uf_components(nodes, edges):
+    parent = {n: n for n in nodes}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {n: min((m for m in nodes if find(m) == find(n))) for n in nodes}
+
+
+def _run_cc(ray, edges, k):
+    from app.refine.components import _roots, _as_lists, connected_components
+
+    chunks = [edges[i::3] for i in range(3)]
+    refs = [ray.put(pd.DataFrame({"a": [a for a, _ in c], "b": [b for _, b in c]})) for c in chunks]
+    stars, rounds = connected_components(refs, k, max_rounds=64)
+    roots = _as_lists([_roots.options(num_returns=k).remote(k, s) for s in stars], k)
+    out = {}
+    for part in roots:
+        for df in ray.get(part):
+            out.update(dict(zip(df["node"], df["root"])))
+    return out, rounds
+
+
+def _name(i):
+    return f"d{i:05d}"
+
+
+@pytest.mark.parametrize("shape", ["chain", "star", "reversed_chain", "random"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_connected_components_match_union_find(ray_local, shape, k):
+    rnd = random.Random(3)
+    n = 60
+    if shape == "chain":
+        edges = [(_name(i), _name(i + 1)) for i in range(n - 1)]
+    elif shape == "reversed_chain":  # a chain whose ids decrease along it, in shuffled order
+        edges = [(_name(n - i), _name(n - i - 1)) for i in range(n - 1)]
+        rnd.shuffle(edges)
+    elif shape == "star":
+        edges = [(_name(30), _name(i)) for i in range(n) if i != 30]
+    else:
+        edges = [(_name(rnd.randrange(n)), _name(rnd.randrange(n))) for _ in range(45)]
+        edges = [(a, b) for a, b in edges if a != b]
+    nodes = sorted({x for e in edges for x in e})
+    got, rounds = _run_cc(ray_local, edges, k)
+    assert got == _uf_components(nodes, edges)
+    assert rounds <= 12
+
+
+def test_bucket_edges_exact_and_near():
+    t = pa.table({"key": ["e1"] * 3, "id": ["c", "a", "b"], "exact_hash": ["h"] * 3})
+    e = bucket_edges(t).to_pylist()
+    assert e == [{"a": "a", "b": "b", "kind": "exact"}, {"a": "a", "b": "c", "kind": "exact"}]
+    # near bucket: exact twins collapse to their smallest id; star + chain edges
+    t = pa.table({"key": ["b0:1"] * 5, "id": ["d", "a", "c", "b", "e"], "exact_hash": ["x", "y", "z", "x", "w"]})
+    e = {(r["a"], r["b"]) for r in bucket_edges(t).to_pylist()}
+    assert e == {("a", "b"), ("a", "c"), ("a", "e"), ("b", "c"), ("c", "e")}
+    assert bucket_edges(t.slice(0, 1)).num_rows == 0

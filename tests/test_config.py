@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import ConfigError, RefineConfig, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_mirrors_the_dataclasses():
+    data = yaml.safe_load((ROOT / "configs" / "refine.yaml").read_text())
+
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    assert keys(data) == keys(to_dict(RefineConfig()))
+    assert load_config(RefineConfig, ROOT / "configs" / "refine.yaml") == RefineConfig()
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(RefineConfig, None, ["dedup.near.threshold=0.9", "heuristics.min_words=null",
+                                           "perplexity.enabled=false", "toxicity.enabled=false",
+                                           "io.max_doc_bytes=1000"])
+    assert cfg.dedup.near.threshold == 0.9
+    assert cfg.heuristics.min_words is None
+    assert cfg.io.max_doc_bytes == 1000
+
+
+@pytest.mark.parametrize("override,key", [
+    ("dedup.near.treshold=0.9", "dedup.near.treshold"),
+    ("nope=1", "nope"),
+    ("dedup.near.threshold=abc", "dedup.near.threshold"),
+    ("dedup.near.threshold=1.5", "dedup.near.threshold"),
+    ("heuristics.enabled=3", "heuristics.enabled"),
+    ("io.max_doc_bytes=0", "io.max_doc_bytes"),
+    ("heuristics.max_dup_line_frac=2", "heuristics.max_dup_line_frac"),
+    ("perplexity.enabled=true", "perplexity.enabled"),
+    ("dedup.exact=1", "dedup.exact"),
+])
+def test_bad_keys_and_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(RefineConfig, None, [override])
+    assert str(e.value).startswith(key + ":")
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dedup:\n  near:\n    num_perm: many\n")
+    with pytest.raises(ConfigError, match="dedup.near.num_perm"):
+        load_config(RefineConfig, p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(RefineConfig, tmp_path / "missing.yaml")
+

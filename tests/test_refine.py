@@ -1,0 +1,145 @@
+"""End-to-end refine runs on a corpus with planted duplicates and every kind of bad input."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from app.config import RefineConfig, load_config
+from tests.corpus import build, predicted_pairs, true_pairs
+
+
+def read_dir(path, columns=None):
+    if not os.path.isdir(path):
+        return []
+    return pq.read_table(path, columns=columns).to_pylist()
+
+
+def canonical(out):
+    """Everything a run produces, order-free, for run-to-run comparison."""
+    drop = lambda rows: sorted((r["id"], r.get("drop_reason"), tuple(r.get("drop_reasons") or ()), r.get("duplicate_of"),  # noqa: E731
+                                r.get("near_similarity")) for r in rows)
+    rep = json.load(open(os.path.join(out, "report.json")))
+    return {
+        "kept": drop(read_dir(os.path.join(out, "kept"))),
+        "dropped": drop(read_dir(os.path.join(out, "dropped"))),
+        "duplicates": sorted(tuple(r.values()) for r in read_dir(os.path.join(out, "duplicates"))),
+        "quarantine": sorted((r["source"], r["line"], r["error"], r["raw"]) for r in read_dir(os.path.join(out, "quarantine"))),
+        "counts": rep["counts"], "drop_reasons": rep["drop_reasons"],
+        "shards": [{k: v for k, v in s.items()} for s in rep["shards"]],
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, real_texts):
+    root = tmp_path_factory.mktemp("corpus")
+    facts = build(str(root / "in"), real_texts)
+    facts["root"] = str(root)
+    facts["input"] = str(root / "in")
+    return facts
+
+
+def _cfg(corpus, *extra):
+    return load_config(RefineConfig, None, [f"io.max_doc_bytes={corpus['max_doc_bytes']}", "dedup.num_partitions=3", *extra])
+
+
+@pytest.fixture(scope="module")
+def run1(ray_local, corpus):
+    from app.refine.pipeline import run_refine
+
+    out = os.path.join(corpus["root"], "out1")
+    report = run_refine([corpus["input"]], out, _cfg(corpus))
+    return out, report
+
+
+def test_accounting_under_every_kind_of_bad_input(corpus, run1):
+    out, report = run1
+    c = report["counts"]
+    n_good = len(corpus["docs"])
+    assert c["input"] == n_good + corpus["n_bad"]
+    assert c["quarantined"] == corpus["n_bad"]
+    assert c["input"] == c["kept"] + c["dropped"] + c["quarantined"]
+    assert report["accounting"]["ok"]
+    for s in report["shards"]:
+        assert s["docs"] == s["kept"] + s["dropped"] + s["quarantined"]
+    # nothing lost, nothing doubled: every good document is in kept or dropped exactly once
+    ids = [r["id"] for r in read_dir(os.path.join(out, "kept")) + read_dir(os.path.join(out, "dropped"))]
+    assert sorted(ids) == sorted(corpus["docs"])
+    q = read_dir(os.path.join(out, "quarantine"))
+    assert sorted(r["error"] for r in q) == sorted(
+        ["bad_json", "invalid_utf8", "missing_text", "text_not_string", "not_an_object", "text_not_string", "oversized", "invalid_utf8"])
+    assert all(r["source"] and r["line"] >= 1 and r["error_detail"] and r["raw_bytes"] > 0 for r in q)
+    assert {r["raw"] for r in q if r["error"] == "invalid_utf8"} >= {b'{"text": "caf\xe9 au lait"}'}
+    # the original text is written, not the normalized one
+    kept_or_dropped = {r["id"]: r for r in read_dir(os.path.join(out, "dropped")) + read_dir(os.path.join(out, "kept"))}
+    assert kept_or_dropped["aa-exact-copy"]["text"] == corpus["docs"]["aa-exact-copy"]
+    # every drop has a reason; the first one is the reported reason; the report sums them
+    dropped = read_dir(os.path.join(out, "dropped"))
+    assert all(r["drop_reason"] == r["drop_reasons"][0] for r in dropped)
+    assert sum(report["drop_reasons"].values()) == c["dropped"]
+    assert [s["name"] for s in report["steps"]][:2] == ["parse", "normalize"]
+    assert report["versions"]["ray"] and report["config"]["dedup"]["near"]["threshold"] == 0.8
+    assert os.path.exists(os.path.join(out, "report.html")) and os.path.exists(os.path.join(out, "config.yaml"))
+    assert not os.path.exists(os.path.join(out, "_work"))
+
+
+def test_exact_dedup_keeps_the_smallest_id(corpus, run1):
+    out, _ = run1
+    dropped = {r["id"]: r for r in read_dir(os.path.join(out, "dropped"))}
+    for group in corpus["exact_groups"]:
+        rep = min(group)
+        assert "exact_duplicate" not in (dropped.get(rep, {}).get("drop_reasons") or [])
+        for other in group:
+            if other != rep:
+                assert dropped[other]["drop_reason"] == "exact_duplicate"
+                assert dropped[other]["duplicate_of"] == rep
+    dups = [r for r in read_dir(os.path.join(out, "duplicates")) if r["kind"] == "exact"]
+    clusters = {}
+    for r in dups:
+        clusters.setdefault(r["cluster_id"], set()).add(r["id"])
+        assert r["representative_id"] == min(g for g in corpus["exact_groups"][0]) or r["cluster_id"] != "exact:aa-exact-copy"
+    assert set(corpus["exact_groups"][0]) in clusters.values()
+
+
+def test_near_duplicates_precision_and_recall_against_brute_force(corpus, run1):
+    out, _ = run1
+    truth = true_pairs(corpus["docs"], 0.8)
+    pred = predicted_pairs(read_dir(os.path.join(out, "duplicates")))
+    tp = len(truth & pred)
+    precision = tp / len(pred)
+    recall = tp / len(truth)
+    assert len(truth) >= 15
+    assert precision == 1.0, sorted(pred - truth)[:5]
+    assert recall >= 0.95, sorted(truth - pred)[:5]
+
+
+def test_transitive_chain_is_one_cluster_with_the_smallest_representative(corpus, run1):
+    from app.refine.minhash import jaccard, shingles
+
+    d = corpus["docs"]
+    sh = {k: shingles(d[k]) for k in ("chain-1", "chain-2", "chain-3")}
+    assert jaccard(sh["chain-1"], sh["chain-2"]) >= 0.8 and jaccard(sh["chain-2"], sh["chain-3"]) >= 0.8
+    assert jaccard(sh["chain-1"], sh["chain-3"]) < 0.8  # the ends are only linked through the middle
+    out, _ = run1
+    rows = {r["id"]: r for r in read_dir(os.path.join(out, "duplicates")) if r["kind"] == "near" and r["id"].startswith("chain")}
+    assert {r["representative_id"] for r in rows.values()} == {"chain-1"}
+    assert rows["chain-3"]["similarity"] == pytest.approx(jaccard(sh["chain-1"], sh["chain-3"]))
+    dropped = {r["id"]: r for r in read_dir(os.path.join(out, "dropped"))}
+    assert dropped["chain-3"]["drop_reasons"][0] == "near_duplicate"
+    assert "near_duplicate" not in (dropped.get("chain-1", {}).get("drop_reasons") or [])
+
+
+def test_identical_input_gives_identical_output(corpus, run1):
+    from app.refine.pipeline import run_refine
+
+    out2 = os.path.join(corpus["root"], "out2")
+    run_refine([corpus["input"]], out2, _cfg(corpus))
+    assert canonical(out2) == canonical(run1[0])
+
+
+def test_existing_output_is_refused_without_overwrite(corpus, run1):
+    from app.refine.pipeline import run_refine
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_refine([corpus["input"]], run1[0], _cfg(corpus))
