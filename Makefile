@@ -1,0 +1,27 @@
+# Distillery: `make run` (the refine job on a sample corpus) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Ray listens on loopback only (without this it binds the machine's outward address).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# Without a GPU, take the CPU build of torch first (an unpinned torch pulls a multi-GB CUDA build).
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/distillery sample-corpus --out out/sample
+	$(BIN)/python jobs/refine.py --input out/sample --output out/refine --overwrite
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf out .pytest_cache
