@@ -166,14 +166,17 @@ class DedupConfig:
     """Exact deduplication on the normalized text hash."""
     near: NearDedupConfig = field(default_factory=NearDedupConfig)
     """Near deduplication with MinHash + LSH."""
-    num_partitions: int = 8
-    """Hash partitions of the dedup graph work (verification, connected components, labels).
-    Size them so one partition's candidate texts fit a worker comfortably (~1-4 GB)."""
+    num_partitions: Optional[int] = None
+    """Hash partitions of the duplicate graph (bucket shuffle, verification, connected components,
+    labels); each graph task holds one. null: one per `partition_bytes` of input, at least 4."""
+    partition_bytes: int = 256 * 1024 * 1024
+    """Input bytes per partition when `num_partitions` is null."""
     max_cc_rounds: int = 64
     """Give up (error) if connected components have not converged after this many rounds."""
 
     def __post_init__(self) -> None:
-        _check(self.num_partitions >= 1, "dedup.num_partitions", "must be >= 1")
+        _check(self.num_partitions is None or self.num_partitions >= 1, "dedup.num_partitions", "must be >= 1")
+        _check(self.partition_bytes > 0, "dedup.partition_bytes", "must be > 0")
         _check(self.max_cc_rounds >= 1, "dedup.max_cc_rounds", "must be >= 1")
 
 

@@ -21,7 +21,8 @@ def test_hashfunc_is_32_bit_and_word_sensitive():
 
 @pytest.mark.parametrize("num_perm,ngram,seed", [(128, 5, 1), (64, 3, 7), (16, 1, 0)])
 def test_batch_signatures_equal_datasketch(real_texts, num_perm, ngram, seed):
-    texts = real_texts[:40] + ["", "one", "two words", "Ünïcode ﬁ Straße " * 20, "x " * 3000]
+    texts = real_texts[:40] + ["", "one", "two words", "Ünïcode ﬁ Straße " * 20, "x " * 3000,
+                              "___ -- !! ...", "MiXeD-case_words, and: punctuation;" * 5, "naïve café — Ωmega 東京 text " * 4]
     fast = minhash_signatures(texts, num_perm=num_perm, ngram=ngram, seed=seed)
     assert fast.dtype == np.uint64 and fast.shape == (len(texts), num_perm)
     ref = minhash_signatures_ref(texts, num_perm=num_perm, ngram=ngram, seed=seed)

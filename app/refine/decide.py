@@ -6,6 +6,8 @@ then the heuristic rules in ``heuristics.RULES`` order; ``drop_reasons`` lists t
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import pyarrow as pa
 
 from app.refine.heuristics import RULES, SIGNALS, failing_rules
@@ -13,7 +15,7 @@ from app.refine.heuristics import RULES, SIGNALS, failing_rules
 REASON_ORDER = ["exact_duplicate", "near_duplicate"] + [name for name, _f, _fn in RULES]
 
 
-def decide_step(table: pa.Table, labels: dict[str, tuple], heuristics_cfg, heuristics_enabled: bool) -> pa.Table:
+def decide_step(table: pa.Table, labels: Mapping[str, tuple], heuristics_cfg, heuristics_enabled: bool) -> pa.Table:
     """Adds ``duplicate_of``, ``near_similarity``, ``drop_reason``, ``drop_reasons``.
 
     ``labels`` maps a duplicate document's id to ``(exact_of, near_of, near_similarity)``.

@@ -80,16 +80,24 @@ def hashfunc(shingle: bytes) -> int:
 
 @functools.lru_cache(maxsize=16)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(a, b)`` of datasketch's affine32 scheme for ``(num_perm, seed)``, as uint64 arrays."""
+    """``(a, b)`` of datasketch's affine32 scheme for ``(num_perm, seed)``, as uint32 arrays."""
     from datasketch import MinHash
 
-    a, b = MinHash(num_perm=num_perm, seed=seed).permutations
-    return np.ascontiguousarray(a, dtype=np.uint64), np.ascontiguousarray(b, dtype=np.uint64)
+    m = MinHash(num_perm=num_perm, seed=seed)
+    if m.scheme != "affine32":  # pragma: no cover - guards a datasketch default change
+        raise RuntimeError(f"datasketch's default MinHash scheme is {m.scheme!r}, expected 'affine32'")
+    a, b = m.permutations
+    return np.ascontiguousarray(a, dtype=np.uint32), np.ascontiguousarray(b, dtype=np.uint32)
 
 
 def _encode_batch(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated UTF-8 of ``" ".join(words(t))`` per text, and the (N+1,) byte offsets."""
-    parts = [" ".join(words(t)).encode("utf-8") for t in texts]
+    """Concatenated UTF-8 per text and the (N+1,) byte offsets, in a form the kernel splits into words.
+
+    The kernel's words are maximal runs of bytes that are ASCII ``[0-9A-Za-z_]`` or >= 0x80. For ASCII
+    text that is exactly ``\\w+`` of the lower-cased text (NFKC leaves ASCII unchanged), so it is passed
+    as is; any other text is reduced to ``" ".join(words(text))`` here first.
+    """
+    parts = [t.lower().encode("ascii") if t.isascii() else " ".join(words(t)).encode("utf-8") for t in texts]
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in parts], out=offsets[1:])
     buf = np.frombuffer(b"".join(parts), dtype=np.uint8) if parts else np.zeros(0, np.uint8)
@@ -110,14 +118,18 @@ def _kernel():
         fnv_prime = np.uint64(_FNV_PRIME)
         fold_mul = np.uint64(_FOLD_MUL)
         wh = np.empty(16, dtype=np.uint64)  # per-word hashes of the current document (grown on demand)
+        sig = np.empty(num_perm, dtype=np.uint32)
         for d in range(n_docs):
-            lo = offsets[d]
-            hi = offsets[d + 1]
-            # 1. FNV-1a of every space-separated word (an empty document is one empty word).
+            # 1. FNV-1a of every word (see _encode_batch); a document without words is one empty word.
             nw = 0
             h = fnv_off
-            for i in range(lo, hi + 1):
-                if i == hi or buf[i] == 32:
+            in_word = False
+            for i in range(offsets[d], offsets[d + 1] + 1):
+                c = buf[i] if i < offsets[d + 1] else 32
+                if c >= 128 or (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 95:
+                    h = (h ^ np.uint64(c)) * fnv_prime
+                    in_word = True
+                elif in_word:
                     if nw == wh.shape[0]:
                         grown = np.empty(wh.shape[0] * 2, dtype=np.uint64)
                         grown[:nw] = wh[:nw]
@@ -125,15 +137,15 @@ def _kernel():
                     wh[nw] = h
                     nw += 1
                     h = fnv_off
-                else:
-                    h = (h ^ np.uint64(buf[i])) * fnv_prime
+                    in_word = False
+            if nw == 0:
+                wh[0] = fnv_off
+                nw = 1
             # 2. Shingles: fold `ngram` consecutive word hashes (all words when there are fewer).
             width = ngram if nw >= ngram else nw
-            n_sh = nw - width + 1
-            sig = out[d]
             for k in range(num_perm):
-                sig[k] = m32
-            for s in range(n_sh):
+                sig[k] = np.uint32(0xFFFFFFFF)
+            for s in range(nw - width + 1):
                 acc = fnv_off
                 for j in range(s, s + width):
                     acc = (acc ^ wh[j]) * fold_mul
@@ -145,10 +157,11 @@ def _kernel():
                 hv = hv ^ (hv >> np.uint64(13))
                 hv = (hv * np.uint64(0xC2B2AE35)) & m32
                 hv = hv ^ (hv >> np.uint64(16))
-                for k in range(num_perm):
-                    v = (a[k] * hv + b[k]) & m32
-                    if v < sig[k]:
-                        sig[k] = v
+                h32 = np.uint32(hv)
+                for k in range(num_perm):  # 32-bit lanes: the compiler vectorises this loop
+                    sig[k] = min(sig[k], np.uint32(a[k] * h32 + b[k]))
+            for k in range(num_perm):
+                out[d, k] = sig[k]
         return out
 
     return kernel

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+from collections import ChainMap
 import logging
 import os
 import shutil
@@ -65,22 +66,34 @@ _LABEL_CACHE: dict = {}
 
 def _decide_batch(table: pa.Table, *, label_refs: list, k: int, heuristics_cfg, heuristics_enabled: bool, stats) -> pa.Table:
     t0 = time.perf_counter()
-    labels: dict = {}
+    parts: list[dict] = []
     if label_refs:
         for p in set(partition_of(table.column("id").to_pylist(), k).tolist()):
             key = label_refs[p].hex()
             if key not in _LABEL_CACHE:
-                if len(_LABEL_CACHE) > 4 * k:
+                if len(_LABEL_CACHE) >= 2:
                     _LABEL_CACHE.clear()
                 t = ray.get(label_refs[p])
                 _LABEL_CACHE[key] = dict(zip(t.column("id").to_pylist(), zip(
                     t.column("exact_of").to_pylist(), t.column("near_of").to_pylist(), t.column("near_similarity").to_pylist())))
-            labels.update(_LABEL_CACHE[key])
-    out = decide_step(table.drop_columns([c for c in ("bands", "p") if c in table.column_names]), labels,
+            parts.append(_LABEL_CACHE[key])
+    out = decide_step(table.drop_columns([c for c in ("bands", "p") if c in table.column_names]), ChainMap(*parts),
                       heuristics_cfg, heuristics_enabled)
     kept = out.column("drop_reason").null_count
     stats.add.remote("decide", time.perf_counter() - t0, table.num_rows, kept)
     return out
+
+
+def num_partitions_for(files: list[str], partition_bytes: int) -> int:
+    """One partition per ``partition_bytes`` of input on disk (compressed files count 4x), at least 4."""
+    total = 0
+    for f in files:
+        try:
+            size = os.path.getsize(f)
+        except OSError:  # remote URIs: no size, no contribution
+            continue
+        total += size * (4 if f.endswith((".gz", ".zst", ".parquet")) else 1)
+    return max(4, -(-total // partition_bytes))
 
 
 def prepare_output(out_dir: str, overwrite: bool) -> None:
@@ -106,7 +119,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     work_docs = os.path.join(out_dir, "_work", "docs")
-    k = cfg.dedup.num_partitions
+    k = cfg.dedup.num_partitions or num_partitions_for(files, cfg.dedup.partition_bytes)
     near, exact = cfg.dedup.near, cfg.dedup.exact
     bands, rows = lsh_params(near.threshold, near.num_perm, near.fp_weight, near.fn_weight)
     stats = StepStats.remote()
@@ -153,10 +166,11 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     t0 = time.time()
     out_sink = OutputSink(out_dir)
     if n_good:
+        # Whole blocks: a work file holds one partition, so a worker holds one partition's labels at a time.
         ds = ray.data.read_parquet(work_docs).map_batches(
             functools.partial(_decide_batch, label_refs=label_refs, k=k, heuristics_cfg=cfg.heuristics,
                               heuristics_enabled=cfg.heuristics.enabled, stats=stats),
-            batch_format="pyarrow", batch_size=cfg.io.batch_size)
+            batch_format="pyarrow", batch_size=None)
         ds.write_datasink(out_sink)
     phases["decide_and_write"] = time.time() - t0
     phases["total"] = time.time() - t_start
