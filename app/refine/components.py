@@ -216,7 +216,7 @@ def _root_pairs(k: int, *pieces):
     """(node, root) rows -> pairs (a=root, b=node) for non-roots, split by part(root)."""
     d = _concat(pieces)
     if len(d):
-        d = d[d["node"] != d["root"]]
+        d = d[d["node"] != d["root"]].drop_duplicates("node")
         d = pd.DataFrame({"a": d["root"].values, "b": d["node"].values})
     return _ret(_split_df(d, "a", k, ["a", "b"]))
 
@@ -226,6 +226,8 @@ def _finalize(out_path: str, exact_pieces: list, root_pieces: list, sim_pieces: 
     """Write this part's ``duplicates/`` rows and return its labels (one row per duplicate document)."""
     ex = _concat(ray.get(exact_pieces))
     roots = _concat(ray.get(root_pieces))
+    if len(roots):  # a node's (node, root) row can come from several star partitions
+        roots = roots.drop_duplicates("node")
     sims = _concat(ray.get(sim_pieces))
     frames = []
     if len(ex):

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from app.config import RefineConfig, to_dict
@@ -82,6 +83,23 @@ def _decide_batch(table: pa.Table, *, label_refs: list, k: int, heuristics_cfg, 
     kept = out.column("drop_reason").null_count
     stats.add.remote("decide", time.perf_counter() - t0, table.num_rows, kept)
     return out
+
+
+def _stream_files(paths: pa.Table, *, columns, batch_rows: int):
+    for path in paths.column("path").to_pylist():
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+            yield pa.Table.from_batches([batch])
+
+
+def read_work(work_docs: str, columns, batch_rows: int):
+    """The work files as a Dataset, streamed row group by row group (one file per task input).
+
+    A plain ``read_parquet`` holds far more than a batch per read task; this keeps a worker at one batch,
+    and every block comes from one work file, so from one graph partition.
+    """
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(work_docs) for f in names if f.endswith(".parquet"))
+    return ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files))).map_batches(
+        functools.partial(_stream_files, columns=columns, batch_rows=batch_rows), batch_format="pyarrow", batch_size=1)
 
 
 def num_partitions_for(files: list[str], partition_bytes: int) -> int:
@@ -151,9 +169,9 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     if (exact.enabled or near.enabled) and n_good:
         t0 = time.time()
         cols = ["id", "exact_hash"] + (["bands"] if near.enabled else [])
-        edges = (ray.data.read_parquet(work_docs, columns=cols)
+        edges = (read_work(work_docs, cols, cfg.io.batch_size)
                  .map_batches(functools.partial(bucket_rows, exact=exact.enabled, near=near.enabled),
-                              batch_format="pyarrow", batch_size=cfg.io.batch_size)
+                              batch_format="pyarrow", batch_size=None)
                  .groupby("key", num_partitions=k).map_groups(bucket_edges, batch_format="pyarrow"))
         edge_refs = edges.to_arrow_refs()
         phases["buckets"] = time.time() - t0
@@ -167,7 +185,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     out_sink = OutputSink(out_dir)
     if n_good:
         # Whole blocks: a work file holds one partition, so a worker holds one partition's labels at a time.
-        ds = ray.data.read_parquet(work_docs).map_batches(
+        ds = read_work(work_docs, None, cfg.io.batch_size).map_batches(
             functools.partial(_decide_batch, label_refs=label_refs, k=k, heuristics_cfg=cfg.heuristics,
                               heuristics_enabled=cfg.heuristics.enabled, stats=stats),
             batch_format="pyarrow", batch_size=None)

@@ -14,12 +14,33 @@ from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
-from app.refine.io import QUARANTINE_COLUMNS, write_table
+from app.refine.io import QUARANTINE_COLUMNS
 from app.refine.lsh import partition_of
 
 WORK_DROP = ["_norm", "error", "error_detail", "raw", "raw_bytes"]
+
+
+class _Writers:
+    """Parquet files written block by block (memory: one block), renamed into place on close."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, tuple[pq.ParquetWriter, str]] = {}
+
+    def write(self, path: str, table: pa.Table) -> None:
+        if path not in self.open:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            self.open[path] = (pq.ParquetWriter(tmp, table.schema, compression="zstd"), tmp)
+        self.open[path][0].write_table(table)
+
+    def close(self) -> None:
+        for path, (writer, tmp) in self.open.items():
+            writer.close()
+            os.replace(tmp, path)
+        self.open.clear()
 
 
 def _merge(into: dict, part: dict) -> None:
@@ -50,8 +71,8 @@ class WorkSink(Datasink):
 
     def write(self, blocks, ctx) -> dict:
         counts: dict = defaultdict(lambda: {"records": 0, "quarantined": 0, "quarantine_reasons": Counter()})
-        good_parts: list[list[pa.Table]] = [[] for _ in range(self.k)]
-        bad: list[pa.Table] = []
+        out = _Writers()
+        name = f"{ctx.task_idx:06d}.parquet"
         for block in blocks:
             if block.num_rows == 0:
                 continue
@@ -60,21 +81,16 @@ class WorkSink(Datasink):
             is_bad = pc.is_valid(block.column("error"))
             bad_rows = block.filter(is_bad)
             if bad_rows.num_rows:
-                bad.append(bad_rows.select(QUARANTINE_COLUMNS))
+                out.write(os.path.join(self.quarantine_dir, f"part-{name}"), bad_rows.select(QUARANTINE_COLUMNS))
                 for src, err in zip(bad_rows.column("source").to_pylist(), bad_rows.column("error").to_pylist()):
                     counts[src]["quarantined"] += 1
                     counts[src]["quarantine_reasons"][err] += 1
             good = block.filter(pc.invert(is_bad)).drop_columns([c for c in WORK_DROP if c in block.column_names])
             if good.num_rows:
                 parts = partition_of(good.column("id").to_pylist(), self.k)
-                for p in set(parts.tolist()):
-                    good_parts[p].append(good.filter(pa.array(parts == p)))
-        name = f"{ctx.task_idx:06d}.parquet"
-        for p, tables in enumerate(good_parts):
-            if tables:
-                write_table(pa.concat_tables(tables), os.path.join(self.work_docs, f"p={p}", name))
-        if bad:
-            write_table(pa.concat_tables(bad), os.path.join(self.quarantine_dir, f"part-{name}"))
+                for p in sorted(set(parts.tolist())):
+                    out.write(os.path.join(self.work_docs, f"p={p}", name), good.filter(pa.array(parts == p)))
+        out.close()
         return {src: {**c, "quarantine_reasons": dict(c["quarantine_reasons"])} for src, c in counts.items()}
 
     def on_write_complete(self, write_result) -> None:
@@ -89,7 +105,8 @@ class OutputSink(Datasink):
     def write(self, blocks, ctx) -> dict:
         counts: dict = defaultdict(lambda: {"docs": 0, "kept": 0, "dropped": 0, "exact_duplicates": 0,
                                             "near_duplicates": 0, "drop_reasons": Counter()})
-        kept, dropped = [], []
+        out = _Writers()
+        name = f"part-{ctx.task_idx:06d}.parquet"
         for block in blocks:
             if block.num_rows == 0:
                 continue
@@ -105,15 +122,13 @@ class OutputSink(Datasink):
                     c["drop_reasons"][reason] += 1
                 c["exact_duplicates"] += "exact_duplicate" in reasons
                 c["near_duplicates"] += "near_duplicate" in reasons
-            kept.append(block.filter(pc.invert(is_drop)).drop_columns(["drop_reason", "drop_reasons"]))
-            dropped.append(block.filter(is_drop))
-        name = f"part-{ctx.task_idx:06d}.parquet"
-        k = pa.concat_tables(kept) if kept else None
-        d = pa.concat_tables(dropped) if dropped else None
-        if k is not None and k.num_rows:
-            write_table(k, os.path.join(self.out_dir, "kept", name))
-        if d is not None and d.num_rows:
-            write_table(d, os.path.join(self.out_dir, "dropped", name))
+            kept = block.filter(pc.invert(is_drop)).drop_columns(["drop_reason", "drop_reasons"])
+            dropped = block.filter(is_drop)
+            if kept.num_rows:
+                out.write(os.path.join(self.out_dir, "kept", name), kept)
+            if dropped.num_rows:
+                out.write(os.path.join(self.out_dir, "dropped", name), dropped)
+        out.close()
         return {src: {**c, "drop_reasons": dict(c["drop_reasons"])} for src, c in counts.items()}
 
     def on_write_complete(self, write_result) -> None:
