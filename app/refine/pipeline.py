@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import ChainMap
 import logging
@@ -134,10 +135,11 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     files = expand_inputs(inputs)
     out_dir = os.path.abspath(out_dir)
     prepare_output(out_dir, overwrite)
+    k = cfg.dedup.num_partitions or num_partitions_for(files, cfg.dedup.partition_bytes)
+    cfg = dataclasses.replace(cfg, dedup=dataclasses.replace(cfg.dedup, num_partitions=k))  # resolved
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     work_docs = os.path.join(out_dir, "_work", "docs")
-    k = cfg.dedup.num_partitions or num_partitions_for(files, cfg.dedup.partition_bytes)
     near, exact = cfg.dedup.near, cfg.dedup.exact
     bands, rows = lsh_params(near.threshold, near.num_perm, near.fp_weight, near.fn_weight)
     stats = StepStats.remote()
