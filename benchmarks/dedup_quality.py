@@ -13,7 +13,6 @@ document to its representative (exact and near clusters together). The pipeline 
 
 import argparse
 import glob
-import itertools
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ import time
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from app.refine.components import pairs_in_components  # noqa: E402
 from app.refine.minhash import shingles  # noqa: E402
 from app.refine.sample import collect_texts  # noqa: E402
 
@@ -42,23 +42,6 @@ def corpus(max_docs: int) -> dict[str, str]:
     return docs
 
 
-def components(pairs, nodes) -> set:
-    parent = {n: n for n in nodes}
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        parent[find(a)] = find(b)
-    groups: dict = {}
-    for n in nodes:
-        groups.setdefault(find(n), []).append(n)
-    return {p for g in groups.values() for p in itertools.combinations(sorted(g), 2)}
-
-
 def truth(docs: dict[str, str], threshold: float) -> set:
     sh = {k: shingles(v) for k, v in docs.items()}
     keys = sorted(sh, key=lambda k: len(sh[k]))
@@ -72,7 +55,7 @@ def truth(docs: dict[str, str], threshold: float) -> set:
             inter = len(sh[a] & sh[b])
             if inter / (la + lb - inter) >= threshold:
                 edges.append((a, b))
-    return components(edges, docs)
+    return pairs_in_components(edges, docs)
 
 
 def main() -> None:
@@ -104,7 +87,7 @@ def main() -> None:
             rep = run_refine([os.path.join(tmp, "corpus.jsonl")], out, cfg)
             secs = time.time() - t0
             rows = pq.read_table(os.path.join(out, "duplicates")).to_pylist()
-            pred = components([(r["id"], r["representative_id"]) for r in rows], docs)
+            pred = pairs_in_components([(r["id"], r["representative_id"]) for r in rows], docs)
             tp = len(gt & pred)
             p = tp / len(pred) if pred else 1.0
             r = tp / len(gt) if gt else 1.0

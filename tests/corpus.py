@@ -10,6 +10,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from app.refine.components import pairs_in_components
 from app.refine.minhash import jaccard, shingles
 
 BAD_LINES = [
@@ -96,38 +97,10 @@ def build(root: str, real_texts: list[str], n_base: int = 40, seed: int = 0) -> 
 def true_pairs(docs: dict[str, str], threshold: float, ngram: int = 5) -> set[tuple[str, str]]:
     """All pairs in the same connected component of the exact-Jaccard >= threshold graph (brute force)."""
     sh = {i: shingles(t, ngram) for i, t in docs.items()}
-    parent = {i: i for i in docs}
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in itertools.combinations(sorted(docs), 2):
-        if jaccard(sh[a], sh[b]) >= threshold:
-            parent[find(a)] = find(b)
-    groups: dict[str, list[str]] = {}
-    for i in docs:
-        groups.setdefault(find(i), []).append(i)
-    return {p for g in groups.values() for p in itertools.combinations(sorted(g), 2)}
+    edges = [(a, b) for a, b in itertools.combinations(sorted(docs), 2) if jaccard(sh[a], sh[b]) >= threshold]
+    return pairs_in_components(edges, docs)
 
 
 def predicted_pairs(dup_rows: list[dict]) -> set[tuple[str, str]]:
     """Pairs in the same component when every duplicates/ row links its doc to its representative."""
-    parent: dict[str, str] = {}
-
-    def find(x):
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            x = parent[x]
-        return x
-
-    for r in dup_rows:
-        ra, rb = find(r["id"]), find(r["representative_id"])
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[str, list[str]] = {}
-    for i in list(parent):
-        groups.setdefault(find(i), []).append(i)
-    return {p for g in groups.values() for p in itertools.combinations(sorted(g), 2)}
+    return pairs_in_components([(r["id"], r["representative_id"]) for r in dup_rows])

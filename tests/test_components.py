@@ -4,23 +4,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from app.refine.components import connected_components_ref
 from app.refine.lsh import bucket_edges
-
-
-def _uf_components(nodes, edges):
-    parent = {n: n for n in nodes}
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {n: min((m for m in nodes if find(m) == find(n))) for n in nodes}
 
 
 def _run_cc(ray, edges, k):
@@ -58,7 +43,7 @@ def test_connected_components_match_union_find(ray_local, shape, k):
         edges = [(a, b) for a, b in edges if a != b]
     nodes = sorted({x for e in edges for x in e})
     got, rounds = _run_cc(ray_local, edges, k)
-    assert got == _uf_components(nodes, edges)
+    assert got == connected_components_ref(edges, nodes)
     assert rounds <= 12
 
 

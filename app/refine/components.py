@@ -37,6 +37,37 @@ LABEL_SCHEMA = pa.schema([("id", pa.string()), ("exact_of", pa.string()), ("near
                           ("near_similarity", pa.float64())])
 
 
+# ------------------------------------------------------------------------------------------ reference
+
+
+def connected_components_ref(edges, nodes=()) -> dict:
+    """The slow, obvious reference: union-find on one machine. node -> smallest id of its component."""
+    parent: dict = {n: n for n in nodes}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {n: find(n) for n in list(parent)}
+
+
+def pairs_in_components(edges, nodes=()) -> set:
+    """All (a, b), a < b, that share a component: the pairwise view used for precision and recall."""
+    import itertools
+
+    groups: dict = {}
+    for n, root in connected_components_ref(edges, nodes).items():
+        groups.setdefault(root, []).append(n)
+    return {p for g in groups.values() for p in itertools.combinations(sorted(g), 2)}
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 
