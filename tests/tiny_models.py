@@ -33,3 +33,30 @@ def tiny_llama(path: str, seed: int = 0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+DETOX_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+
+
+def tiny_detoxify(root: str, seed: int = 0, max_length: int = 32) -> tuple[str, str]:
+    """A tiny BERT checkpoint in Detoxify's own format (+ its HF config/tokenizer dir): (ckpt, hf_dir)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    torch.manual_seed(seed)
+    hf_dir = os.path.join(root, "hf")
+    os.makedirs(hf_dir, exist_ok=True)
+    with open(os.path.join(hf_dir, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "idiot", "stupid", "hate"]) + "\n")
+    tok = BertTokenizerFast(vocab_file=os.path.join(hf_dir, "vocab.txt"), model_max_length=max_length)
+    tok.save_pretrained(hf_dir)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=len(DETOX_CLASSES))
+    cfg.save_pretrained(hf_dir)
+    model = BertForSequenceClassification(cfg)
+    ckpt = os.path.join(root, "tiny-detoxify.ckpt")
+    torch.save({"config": {"arch": {"args": {"model_type": hf_dir, "model_name": "BertForSequenceClassification",
+                                             "tokenizer_name": "BertTokenizerFast", "num_classes": len(DETOX_CLASSES)}},
+                           "dataset": {"args": {"classes": DETOX_CLASSES}}},
+                "state_dict": model.state_dict()}, ckpt)
+    return ckpt, hf_dir
