@@ -182,20 +182,90 @@ class DedupConfig:
 
 @dataclass
 class PerplexityConfig:
-    enabled: bool = False
-    """GPU perplexity under a reference LM. Not in this release yet: only `false` is accepted."""
+    enabled: bool = True
+    """Score documents with a reference causal LM (mean token NLL, perplexity, tokens scored)."""
+    model: str = "smollm2"
+    """Model reference: "smollm2" (the offline SmolLM2-135M GGUF), a local HF dir, a .gguf file or a hub id."""
+    max_tokens: int = 1024
+    """Tokens per scored segment (window "first": the first max_tokens tokens of a document)."""
+    window: Literal["first", "sliding"] = "first"
+    """"first": score the first max_tokens tokens; "sliding": score every token, segment by segment."""
+    context: Optional[int] = None
+    """Sliding window: tokens of context each later segment re-reads (null: max_tokens // 4)."""
+    batch_tokens: int = 16384
+    """Padded tokens per forward (length-sorted micro-batches)."""
+    batch_size: int = 256
+    """Documents per actor call."""
+    num_gpus: float = 0.0
+    """GPUs per scoring actor (0: CPU, fp32; >0: CUDA, bf16)."""
+    concurrency: int = 1
+    """Scoring actors."""
 
     def __post_init__(self) -> None:
-        _check(not self.enabled, "perplexity.enabled", "perplexity scoring is not available in this release yet")
+        _check(self.max_tokens >= 2, "perplexity.max_tokens", "must be >= 2")
+        _check(self.context is None or 0 <= self.context < self.max_tokens, "perplexity.context",
+               "must be >= 0 and < max_tokens")
+        for name in ("batch_tokens", "batch_size", "concurrency"):
+            _check(getattr(self, name) >= 1, f"perplexity.{name}", "must be >= 1")
+        _check(self.num_gpus >= 0, "perplexity.num_gpus", "must be >= 0")
 
 
 @dataclass
 class ToxicityConfig:
-    enabled: bool = False
-    """Detoxify toxicity scoring. Not in this release yet: only `false` is accepted."""
+    enabled: bool = True
+    """Score documents with Detoxify (one column per label + `toxicity` = their max)."""
+    variant: Literal["original", "unbiased", "multilingual"] = "original"
+    """Detoxify model; its release file is looked up in the torch hub cache unless `checkpoint` is set."""
+    checkpoint: Optional[str] = None
+    """Path of a Detoxify checkpoint (.ckpt, Detoxify's format)."""
+    hf_config_path: Optional[str] = None
+    """Directory with the HF config + tokenizer of the checkpoint's architecture (offline loading)."""
+    required: bool = False
+    """Fail before reading any data when the checkpoint cannot be loaded (else: report marks it unavailable)."""
+    batch_size: int = 64
+    """Chunks per forward (documents are scored in chunks of the model's 512 tokens)."""
+    num_gpus: float = 0.0
+    """GPUs per scoring actor."""
+    concurrency: int = 1
+    """Scoring actors."""
 
     def __post_init__(self) -> None:
-        _check(not self.enabled, "toxicity.enabled", "toxicity scoring is not available in this release yet")
+        for name in ("batch_size", "concurrency"):
+            _check(getattr(self, name) >= 1, f"toxicity.{name}", "must be >= 1")
+        _check(self.num_gpus >= 0, "toxicity.num_gpus", "must be >= 0")
+
+
+@dataclass
+class ScoringConfig:
+    score_dropped: bool = False
+    """Run the model steps on every document, not only on those that survive dedup and heuristics."""
+
+
+@dataclass
+class DecideConfig:
+    """The quality decision (see app/refine/decide.py for the quality_score formula)."""
+
+    max_perplexity: Optional[float] = None
+    """high_perplexity: perplexity above this drops a document (absolute rule; null: off)."""
+    max_nll_percentile: Optional[float] = None
+    """high_perplexity: NLL above this percentile of its source drops a document (e.g. 0.9; null: off)."""
+    max_toxicity: Optional[float] = 0.8
+    """toxic: toxicity above this drops a document (null: off)."""
+    head_percentile: float = 1 / 3
+    """quality_bucket "head": per-source NLL percentile below this (CCNet terciles)."""
+    tail_percentile: float = 2 / 3
+    """quality_bucket "tail": per-source NLL percentile at or above this."""
+    min_nll_std: float = 0.05
+    """Floor of the per-source NLL standard deviation used to standardize NLL."""
+
+    def __post_init__(self) -> None:
+        _frac(self.max_nll_percentile, "decide.max_nll_percentile")
+        _frac(self.max_toxicity, "decide.max_toxicity")
+        _frac(self.head_percentile, "decide.head_percentile")
+        _frac(self.tail_percentile, "decide.tail_percentile")
+        _check(self.head_percentile <= self.tail_percentile, "decide.head_percentile", "must be <= decide.tail_percentile")
+        _check(self.max_perplexity is None or self.max_perplexity > 0, "decide.max_perplexity", "must be > 0")
+        _check(self.min_nll_std > 0, "decide.min_nll_std", "must be > 0")
 
 
 @dataclass
@@ -207,9 +277,13 @@ class RefineConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Exact and near deduplication."""
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
-    """Perplexity scoring (next release)."""
+    """Perplexity under a reference LM."""
     toxicity: ToxicityConfig = field(default_factory=ToxicityConfig)
-    """Toxicity scoring (next release)."""
+    """Detoxify toxicity."""
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    """Which documents the model steps score."""
+    decide: DecideConfig = field(default_factory=DecideConfig)
+    """The quality decision: model-based drop rules and buckets."""
 
 
 # ----------------------------------------------------------------------------------------------- loading

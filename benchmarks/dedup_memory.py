@@ -104,7 +104,7 @@ def measure(inp: str, out: str, partition_mib: int, block_mib: int) -> dict:
     s = Sampler()
     s.start()
     t0 = time.time()
-    cfg = load_config(RefineConfig, None, ["heuristics.enabled=false", f"dedup.partition_bytes={partition_mib << 20}"])
+    cfg = load_config(RefineConfig, None, ["heuristics.enabled=false", "perplexity.enabled=false", "toxicity.enabled=false", f"dedup.partition_bytes={partition_mib << 20}"])
     rep = run_refine([inp], out, cfg)
     secs = time.time() - t0
     s.stop.set()

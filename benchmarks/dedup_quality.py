@@ -80,7 +80,7 @@ def main() -> None:
             for k, v in docs.items():
                 f.write(json.dumps({"id": k, "text": v}) + "\n")
         for verify in (True, False):
-            cfg = load_config(RefineConfig, None, ["heuristics.enabled=false", f"dedup.near.threshold={args.threshold}",
+            cfg = load_config(RefineConfig, None, ["heuristics.enabled=false", "perplexity.enabled=false", "toxicity.enabled=false", f"dedup.near.threshold={args.threshold}",
                                                    f"dedup.near.verify={str(verify).lower()}"])
             out = os.path.join(tmp, f"out-{verify}")
             t0 = time.time()

@@ -40,7 +40,9 @@ def test_overrides_are_typed_and_applied():
     ("heuristics.enabled=3", "heuristics.enabled"),
     ("io.max_doc_bytes=0", "io.max_doc_bytes"),
     ("heuristics.max_dup_line_frac=2", "heuristics.max_dup_line_frac"),
-    ("perplexity.enabled=true", "perplexity.enabled"),
+    ("perplexity.window=middle", "perplexity.window"),
+    ("toxicity.variant=spicy", "toxicity.variant"),
+    ("decide.max_toxicity=1.5", "decide.max_toxicity"),
     ("dedup.exact=1", "dedup.exact"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):

@@ -13,6 +13,9 @@ from app.config import RefineConfig, load_config
 from tests.corpus import build, predicted_pairs, true_pairs
 
 
+NO_MODELS = ["perplexity.enabled=false", "toxicity.enabled=false"]
+
+
 def read_dir(path, columns=None):
     if not os.path.isdir(path):
         return []
@@ -44,7 +47,8 @@ def corpus(tmp_path_factory, real_texts):
 
 
 def _cfg(corpus, *extra):
-    return load_config(RefineConfig, None, [f"io.max_doc_bytes={corpus['max_doc_bytes']}", "dedup.num_partitions=3", *extra])
+    return load_config(RefineConfig, None, [f"io.max_doc_bytes={corpus['max_doc_bytes']}", "dedup.num_partitions=3",
+                                            *NO_MODELS, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +189,7 @@ def test_two_node_cluster_run_equals_one_node_run(corpus, run1):
     import sys
 
     out = os.path.join(corpus["root"], "out-2node")
-    args = [f"io.max_doc_bytes={corpus['max_doc_bytes']}", "dedup.num_partitions=3"]
+    args = [f"io.max_doc_bytes={corpus['max_doc_bytes']}", "dedup.num_partitions=3", *NO_MODELS]
     p = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, REPO, corpus["input"], out, *args],
                        capture_output=True, text=True, timeout=600, env=_env())
     assert "CLUSTER-OK" in p.stdout, p.stderr[-3000:]
@@ -227,7 +231,8 @@ def test_ray_job_submit_against_a_running_head(corpus, run1, tmp_path):
         out = os.path.join(corpus["root"], "out-job")
         cmd = [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", REPO, "--",
                "python", "jobs/refine.py", "--input", corpus["input"], "--output", out,
-               "--set", f"io.max_doc_bytes={corpus['max_doc_bytes']}", "--set", "dedup.num_partitions=3"]
+               "--set", f"io.max_doc_bytes={corpus['max_doc_bytes']}", "--set", "dedup.num_partitions=3",
+               "--set", NO_MODELS[0], "--set", NO_MODELS[1]]
         for _ in range(60):  # wait for the dashboard's job API
             job = subprocess.run([ray_cli, "job", "list", f"--address=http://127.0.0.1:{dash}"],
                                  capture_output=True, text=True, timeout=60, env=env)

@@ -3,8 +3,11 @@ import json
 import pytest
 
 from app.cli import main
-from app.config import RefineConfig
+from app.config import RefineConfig, load_config
 from app.refine.report import build_report, render_html
+
+
+NO_MODELS = load_config(RefineConfig, None, ["perplexity.enabled=false", "toxicity.enabled=false"])
 
 
 def _report(ingest, output):
@@ -54,5 +57,5 @@ def test_accounting_failure_is_an_error(ray_local, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "build_report", lossy)
     with pytest.raises(AccountingError, match="input 5"):
-        run_refine([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), RefineConfig())
+        run_refine([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), NO_MODELS)
     assert not json.loads((tmp_path / "out" / "report.json").read_text())["accounting"]["ok"]

@@ -28,13 +28,14 @@ import pyarrow as pa
 class Tokenize:
     """Ray Data callable class: text -> ``_ppl_ids``."""
 
-    def __init__(self, model_ref: str, max_tokens: int, window: str):
+    def __init__(self, model_ref: str, max_tokens: int, window: str, column: str = "text"):
         from app.models import resolve
         from transformers import AutoTokenizer
 
         name, kwargs = resolve(model_ref)
         self.tok = AutoTokenizer.from_pretrained(name, **kwargs)
         self.limit = max_tokens if window == "first" else None
+        self.column = column  # null entries are not tokenized (not scored)
 
     def ids(self, texts: list[Optional[str]]) -> list[Optional[list[int]]]:
         bos = self.tok.bos_token_id
@@ -51,7 +52,7 @@ class Tokenize:
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        ids = self.ids(table.column("text").to_pylist())
+        ids = self.ids(table.column(self.column).to_pylist())
         return table.append_column("_ppl_ids", pa.array(ids, type=pa.list_(pa.int32())))
 
 

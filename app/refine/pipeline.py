@@ -4,7 +4,8 @@
                          -> WorkSink: _work/docs/p=<part>/ (by id hash) + quarantine/
     pass 2 (shuffle)     bucket rows (exact key + band keys) -> Ray Data groupby(key).map_groups -> edges
     pass 3 (Ray tasks)   verify candidates (exact Jaccard) -> connected components -> duplicates/ + labels
-    pass 4 (streaming)   _work/docs -> decide -> OutputSink: kept/ + dropped/
+    pass 4 (streaming)   _work/docs -> decide (dedup + heuristics) -> [model steps -> _work/scored/ + per-source
+                         statistics -> quality decision] -> OutputSink: kept/ + dropped/
     report               report.json (+ report.html), accounting checked: input = kept + dropped + quarantined
 """
 
@@ -23,7 +24,8 @@ import ray
 
 from app.config import RefineConfig, to_dict
 from app.refine.components import dedup_graph
-from app.refine.decide import decide_step
+from app.models import resolve
+from app.refine.decide import decide_step, quality_step, summarize
 from app.refine.exact import exact_step
 from app.refine.heuristics import heuristics_step
 from app.refine.io import CorpusDatasource, expand_inputs
@@ -31,6 +33,7 @@ from app.refine.lsh import bucket_edges, bucket_rows, minhash_step, partition_of
 from app.refine.minhash import lsh_params
 from app.refine.normalize import normalize_step
 from app.refine.report import AccountingError, build_report, write_report
+from app.refine.scoring import ScoredSink, add_model_steps, check_toxicity, mark_for_scoring
 from app.refine.sinks import OutputSink, WorkSink
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,13 @@ def _decide_batch(table: pa.Table, *, label_refs: list, k: int, heuristics_cfg, 
     return out
 
 
+def _quality_batch(table: pa.Table, *, summary_ref, **kw) -> pa.Table:
+    key = summary_ref.hex()
+    if key not in _LABEL_CACHE:
+        _LABEL_CACHE[key] = ray.get(summary_ref)
+    return quality_step(table, _LABEL_CACHE[key], **kw)
+
+
 def _stream_files(paths: pa.Table, *, columns, batch_rows: int):
     for path in paths.column("path").to_pylist():
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
@@ -133,6 +143,10 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
 
     t_start = time.time()
     files = expand_inputs(inputs)
+    # Model references are checked before any data is read (toxicity.required fails the job here).
+    if cfg.perplexity.enabled:
+        resolve(cfg.perplexity.model)
+    toxicity_ok, toxicity_reason = check_toxicity(cfg)
     out_dir = os.path.abspath(out_dir)
     prepare_output(out_dir, overwrite)
     k = cfg.dedup.num_partitions or num_partitions_for(files, cfg.dedup.partition_bytes)
@@ -182,22 +196,35 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
                                               threshold=near.threshold, verify=near.verify, max_rounds=cfg.dedup.max_cc_rounds)
         phases["dedup_graph"] = time.time() - t0
 
-    # ---- pass 4: decide and write
+    # ---- pass 4: decide (and score) and write
     t0 = time.time()
     out_sink = OutputSink(out_dir)
+    summary: dict = {}
     if n_good:
         # Whole blocks: a work file holds one partition, so a worker holds one partition's labels at a time.
         ds = read_work(work_docs, None, cfg.io.batch_size).map_batches(
             functools.partial(_decide_batch, label_refs=label_refs, k=k, heuristics_cfg=cfg.heuristics,
                               heuristics_enabled=cfg.heuristics.enabled, stats=stats),
             batch_format="pyarrow", batch_size=None)
+        if cfg.perplexity.enabled or toxicity_ok:
+            ds = add_model_steps(ds.map_batches(functools.partial(mark_for_scoring, score_dropped=cfg.scoring.score_dropped),
+                                                batch_format="pyarrow", batch_size=None), cfg, toxicity_ok)
+            scored_sink = ScoredSink(os.path.join(out_dir, "_work", "scored"))
+            ds.write_datasink(scored_sink)
+            phases["score"] = time.time() - t0
+            summary = summarize(scored_sink.stats)
+            ds = read_work(scored_sink.work_scored, None, cfg.io.batch_size).map_batches(
+                functools.partial(_quality_batch, summary_ref=ray.put(summary), decide_cfg=cfg.decide,
+                                  heuristics_cfg=cfg.heuristics, heuristics_enabled=cfg.heuristics.enabled),
+                batch_format="pyarrow", batch_size=None)
         ds.write_datasink(out_sink)
     phases["decide_and_write"] = time.time() - t0
     phases["total"] = time.time() - t_start
 
     report = build_report(files=files, cfg=cfg, ingest=work_sink.counts, output=out_sink.counts,
                           steps=ray.get(stats.get.remote()), graph=graph_stats, phases=phases,
-                          lsh={"bands": bands, "rows": rows}, out_dir=out_dir)
+                          lsh={"bands": bands, "rows": rows}, out_dir=out_dir, scores=summary,
+                          toxicity=(toxicity_ok, toxicity_reason))
     write_report(report, out_dir)
     if not keep_work:
         shutil.rmtree(os.path.join(out_dir, "_work"), ignore_errors=True)

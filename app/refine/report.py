@@ -32,8 +32,12 @@ def versions() -> dict:
     return out
 
 
+SCORE_FIELDS = ["perplexity_p10", "perplexity_p50", "perplexity_p90", "toxicity_p10", "toxicity_p50", "toxicity_p90",
+                "toxicity_mean"]
+
+
 def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: dict, phases: dict, lsh: dict,
-                 out_dir: str) -> dict:
+                 out_dir: str, scores: dict | None = None, toxicity: tuple[bool, str] = (False, "toxicity.enabled is false")) -> dict:
     shards = []
     problems = []
     totals = {"input": 0, "kept": 0, "dropped": 0, "quarantined": 0}
@@ -53,6 +57,8 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
             "near_dup_ratio": (o.get("near_duplicates", 0) / n_in) if n_in else 0.0,
             "drop_reasons": o.get("drop_reasons", {}),
             "quarantine_reasons": i.get("quarantine_reasons", {}),
+            "scored": (scores or {}).get(src, {}).get("scored", 0),
+            **{f: (scores or {}).get(src, {}).get(f) for f in SCORE_FIELDS},
         }
         if row["docs"] != row["kept"] + row["dropped"] + row["quarantined"]:
             problems.append(f"{src}: input {row['docs']} != kept {row['kept']} + dropped {row['dropped']} "
@@ -89,6 +95,10 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
         s = steps["decide"]
         step_rows.append({"name": "decide", "seconds": round(s["seconds"], 3), "docs_in": s["docs_in"],
                           "docs_out": s["docs_out"], "note": "summed worker time"})
+    if "score" in phases:
+        n_scored = sum(v.get("scored", 0) for v in (scores or {}).values())
+        step_rows.append({"name": "score", "seconds": round(phases["score"], 3), "docs_in": good, "docs_out": n_scored,
+                          "note": "tokenize + perplexity + toxicity actors (wall); docs_out = documents scored"})
     step_rows.append({"name": "write", "seconds": round(phases.get("decide_and_write", 0.0), 3), "docs_in": good,
                       "docs_out": totals["kept"], "note": "wall time of the streaming pass 4"})
 
@@ -101,8 +111,10 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
         "shards": shards,
         "steps": step_rows,
         "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
-        "toxicity": {"available": False, "reason": "toxicity.enabled is false"},
-        "perplexity": {"available": False, "reason": "perplexity.enabled is false"},
+        "toxicity": {"available": toxicity[0], "reason": toxicity[1]},
+        "perplexity": {"available": cfg.perplexity.enabled,
+                       "reason": "ok" if cfg.perplexity.enabled else "perplexity.enabled is false",
+                       "model": cfg.perplexity.model if cfg.perplexity.enabled else None},
         "accounting": {"ok": not problems, "message": "; ".join(problems) if problems else "input == kept + dropped + quarantined"},
         "config": to_dict(cfg),
         "versions": versions(),
@@ -133,7 +145,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#f4
 <p>input {c['input']} &middot; kept {c['kept']} &middot; dropped {c['dropped']} &middot; quarantined {c['quarantined']}
 &middot; accounting: {html.escape(report['accounting']['message'])}</p>
 <h2>Drop reasons</h2>{_table(reasons, ['reason', 'documents'])}
-<h2>Shards</h2>{_table(report['shards'], ['source', 'docs', 'kept', 'dropped', 'quarantined', 'exact_dup_ratio', 'near_dup_ratio'])}
+<h2>Shards</h2>{_table(report['shards'], ['source', 'docs', 'kept', 'dropped', 'quarantined', 'exact_dup_ratio', 'near_dup_ratio',
+                                           'perplexity_p50', 'perplexity_p90', 'toxicity_p90'])}
 <h2>Steps</h2>{_table(report['steps'], ['name', 'seconds', 'docs_in', 'docs_out', 'note'])}
 </body></html>"""
 

@@ -71,7 +71,8 @@ class ToxicityScorer:
     """Ray Data callable class: text -> ``tox_<label>`` columns and ``toxicity`` (model loaded once)."""
 
     def __init__(self, variant: str = "original", checkpoint: Optional[str] = None, hf_config_path: Optional[str] = None,
-                 *, device: Optional[str] = None, batch_size: int = 32, max_length: Optional[int] = None):
+                 *, device: Optional[str] = None, batch_size: int = 32, max_length: Optional[int] = None,
+                 column: str = "text"):
         import torch
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +87,7 @@ class ToxicityScorer:
         self.prefix, self.suffix = full[:at], full[at + len(core):]
         self.chunk = limit - len(self.prefix) - len(self.suffix)  # content tokens per chunk
         self.batch_size = batch_size
+        self.column = column  # null entries are not scored
 
     def chunks(self, text: str) -> list[list[int]]:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -123,7 +125,7 @@ class ToxicityScorer:
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        probs = self.score(table.column("text").to_pylist())
+        probs = self.score(table.column(self.column).to_pylist())
         for j, name in enumerate(self.classes):
             col = [None if np.isnan(v) else float(v) for v in probs[:, j]]
             table = table.append_column(f"tox_{name}", pa.array(col, pa.float64()))
