@@ -33,10 +33,13 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from app.raystart import init_ray
     from app.refine.pipeline import AccountingError, default_out_line, run_refine
 
+    from app.models import ModelLoadError
+    from app.refine.toxicity import ToxicityUnavailable
+
     init_ray(args.address, args.num_cpus)
     try:
         report = run_refine(args.input, args.output, cfg, overwrite=args.overwrite, keep_work=args.keep_work)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ModelLoadError, ToxicityUnavailable) as e:
         print(f"refine: {e}", file=sys.stderr)
         return 2
     except AccountingError as e:

@@ -59,3 +59,14 @@ def test_accounting_failure_is_an_error(ray_local, tmp_path, monkeypatch):
     with pytest.raises(AccountingError, match="input 5"):
         run_refine([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), NO_MODELS)
     assert not json.loads((tmp_path / "out" / "report.json").read_text())["accounting"]["ok"]
+
+
+def test_cli_toxicity_required_exits_before_reading(ray_local, tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    rc = main(["refine", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"),
+               "--set", "perplexity.enabled=false", "--set", "toxicity.required=true",
+               "--set", f"toxicity.checkpoint={tmp_path / 'missing.ckpt'}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no Detoxify checkpoint at" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
