@@ -20,6 +20,13 @@ def shuffle_words(t, rnd):
     return " ".join(w)
 
 
+def boilerplate(t, rnd):
+    """The first sentences repeated, with navigation boilerplate lines between the copies."""
+    head = " ".join(t.split()[:40])
+    nav = "Home | About us | Contact | Privacy policy | Terms of use | Subscribe to our newsletter"
+    return "\n".join([head, nav, head, nav, head, nav])
+
+
 def char_noise(t, rnd, rate=0.15):
     letters = "abcdefghijklmnopqrstuvwxyz"
     return "".join(rnd.choice(letters) if c.isalpha() and rnd.random() < rate else c for c in t)
@@ -56,6 +63,26 @@ def test_smollm2_separates_prose_from_corruptions(prose):
         return [r["ppl_nll"] for r in scorer(tok(pa.table({"text": texts}))).to_pylist()]
 
     natural = nll(prose)
-    for name, corrupt in (("shuffled words", shuffle_words), ("character noise", char_noise)):
-        bad = nll([corrupt(t, rnd) for t in prose])
-        assert auc(natural, bad) >= 0.95, name
+    corrupted = {}
+    for name, corrupt in (("shuffled words", shuffle_words), ("character noise", char_noise), ("boilerplate", boilerplate)):
+        texts = [corrupt(t, rnd) for t in prose]
+        corrupted[name] = (texts, nll(texts))
+    for name in ("shuffled words", "character noise"):  # perplexity alone separates these
+        assert auc(natural, corrupted[name][1]) >= 0.95, name
+    # Repetition is *easy* for an LM (low perplexity); the quality score, which adds the repetition
+    # signals to the per-source standardized NLL, separates all three.
+    from app.config import HeuristicsConfig, DecideConfig
+    from app.refine.decide import batch_stats, quality_step, summarize
+    from app.refine.heuristics import heuristics_step
+
+    # One source per corruption, mostly clean like a real shard: every natural document + 6 corrupted ones.
+    for name, (bad_texts, bad_nll) in corrupted.items():
+        texts = prose + bad_texts[:6]
+        nlls = natural + bad_nll[:6]
+        table = heuristics_step(pa.table({"text": texts, "source": ["s"] * len(texts), "ppl_nll": nlls,
+                                          "drop_reasons": [[] for _ in texts]}).append_column(
+            "drop_reason", pa.array([None] * len(texts), pa.string())))
+        summary = summarize(batch_stats(table))
+        scores = quality_step(table, summary, DecideConfig(), HeuristicsConfig(), True).column("quality_score").to_pylist()
+        good, bad = scores[: len(prose)], scores[len(prose):]
+        assert auc([-g for g in good], [-b for b in bad]) >= 0.95, f"quality_score: {name}"

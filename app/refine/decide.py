@@ -49,7 +49,7 @@ def decide_step(table: pa.Table, labels: Mapping[str, tuple], heuristics_cfg, he
 #
 # quality_score (higher is better), per document of source s:
 #     z        = (NLL - mean_s(NLL)) / max(std_s(NLL), decide.min_nll_std)       per-source standardized NLL
-#     penalty  = mean over the repetition/symbol signals r of min(signal_r / threshold_r, 3)
+#     penalty  = sum over the repetition/symbol signals r of min(signal_r / threshold_r, 3)
 #                r in {symbol ratio, duplicate-line chars, duplicate-paragraph chars, top 2-gram chars,
 #                      duplicated 5-gram chars}, thresholds from the heuristics config (a signal at its
 #                      Gopher threshold costs as much as NLL one standard deviation above its source's mean)
@@ -159,7 +159,7 @@ def quality_step(table: pa.Table, summary: dict, decide_cfg, heuristics_cfg, heu
         if nll[i] is not None and src.get("scored"):
             z = (nll[i] - src["nll_mean"]) / max(src["nll_std"], decide_cfg.min_nll_std)
             pct = percentile_of(nll[i], src["nll_quantiles"])
-        penalty = (sum(min((sig_vals[s][i] or 0.0) / t, 3.0) for s, t in terms) / len(terms)) if terms and sig_vals[terms[0][0]][i] is not None else None
+        penalty = sum(min((sig_vals[s][i] or 0.0) / t, 3.0) for s, t in terms) if terms and sig_vals[terms[0][0]][i] is not None else None
         if z is None and penalty is None:
             score = None
         else:
