@@ -65,14 +65,12 @@ def segments(ids: list[int], max_tokens: int, window: str, context: int) -> list
         return []
     if window == "first" or len(ids) <= max_tokens:
         return [(ids[:max_tokens], 1)]
-    step = max_tokens - context
     out = [(ids[:max_tokens], 1)]
     start = max_tokens  # first token not yet scored
     while start < len(ids):
         lo = start - context
         out.append((ids[lo : lo + max_tokens], context))
         start = lo + max_tokens
-    assert step > 0
     return out
 
 

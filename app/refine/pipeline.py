@@ -66,7 +66,8 @@ def _timed(name: str, fn, stats, table: pa.Table) -> pa.Table:
     return out
 
 
-_LABEL_CACHE: dict = {}
+_LABEL_CACHE: dict = {}  # per worker: the label tables of the last partitions seen
+_SUMMARY: dict = {}  # per worker: the per-source statistics of the current run (one entry)
 
 
 def _decide_batch(table: pa.Table, *, label_refs: list, k: int, heuristics_cfg, heuristics_enabled: bool, stats) -> pa.Table:
@@ -82,7 +83,7 @@ def _decide_batch(table: pa.Table, *, label_refs: list, k: int, heuristics_cfg, 
                 _LABEL_CACHE[key] = dict(zip(t.column("id").to_pylist(), zip(
                     t.column("exact_of").to_pylist(), t.column("near_of").to_pylist(), t.column("near_similarity").to_pylist())))
             parts.append(_LABEL_CACHE[key])
-    out = decide_step(table.drop_columns([c for c in ("bands", "p") if c in table.column_names]), ChainMap(*parts),
+    out = decide_step(table.drop_columns([c for c in ("bands",) if c in table.column_names]), ChainMap(*parts),
                       heuristics_cfg, heuristics_enabled)
     kept = out.column("drop_reason").null_count
     stats.add.remote("decide", time.perf_counter() - t0, table.num_rows, kept)
@@ -91,9 +92,10 @@ def _decide_batch(table: pa.Table, *, label_refs: list, k: int, heuristics_cfg, 
 
 def _quality_batch(table: pa.Table, *, summary_ref, **kw) -> pa.Table:
     key = summary_ref.hex()
-    if key not in _LABEL_CACHE:
-        _LABEL_CACHE[key] = ray.get(summary_ref)
-    return quality_step(table, _LABEL_CACHE[key], **kw)
+    if key not in _SUMMARY:
+        _SUMMARY.clear()
+        _SUMMARY[key] = ray.get(summary_ref)
+    return quality_step(table, _SUMMARY[key], **kw)
 
 
 def _stream_files(paths: pa.Table, *, columns, batch_rows: int):
