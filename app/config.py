@@ -198,10 +198,16 @@ class PerplexityConfig:
     """Documents per actor call."""
     num_gpus: float = 0.0
     """GPUs per scoring actor (0: CPU, fp32; >0: CUDA, bf16)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Model weights and activations: auto = bf16 on CUDA, fp32 on CPU."""
     concurrency: int = 1
     """Scoring actors."""
+    tokenize_concurrency: Optional[int] = None
+    """Tokenizer actors (CPU); null: an autoscaling pool of 1 to the cluster's CPUs."""
 
     def __post_init__(self) -> None:
+        _check(self.tokenize_concurrency is None or self.tokenize_concurrency >= 1,
+               "perplexity.tokenize_concurrency", "must be >= 1 or null")
         _check(self.max_tokens >= 2, "perplexity.max_tokens", "must be >= 2")
         _check(self.context is None or 0 <= self.context < self.max_tokens, "perplexity.context",
                "must be >= 0 and < max_tokens")

@@ -1,11 +1,15 @@
+import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from app.models import ModelLoadError, load_causal_lm
-from app.refine.perplexity import PerplexityScorer, Tokenize, naive_perplexity, pack, segments
+from app.refine.perplexity import PerplexityScorer, Tokenize, list_arrays, naive_perplexity, pack, segments
 from tests.tiny_models import WORDS, tiny_llama
 
 
@@ -36,6 +40,14 @@ def test_pack_keeps_every_index_and_bounds_padding():
     assert sorted(i for b in batches for i in b) == list(range(200))
     for b in batches:
         assert max(lengths[i] for i in b) * len(b) <= 1024 or len(b) == 1
+
+
+def test_list_arrays_equals_to_pylist_on_sliced_chunked_columns_with_nulls():
+    rows = [[1, 2, 3], None, [], [4], [5, 6], None, [7, 8, 9, 10]]
+    col = pa.chunked_array([pa.array(rows[:4], pa.list_(pa.int32())), pa.array(rows[4:], pa.list_(pa.int32()))])
+    for view in (col, col.slice(1), col.slice(2, 4), col.slice(5)):
+        got = [None if a is None else a.tolist() for a in list_arrays(view)]
+        assert got == view.to_pylist()
 
 
 def test_scorer_matches_the_naive_reference(tiny_dir):
@@ -84,3 +96,18 @@ def test_model_errors_name_the_reference(tmp_path):
         load_causal_lm(str(tmp_path / "empty"))
     with pytest.raises(ModelLoadError, match="not-an-org/not-a-model.*tried"):
         load_causal_lm("not-an-org/not-a-model")
+
+
+def test_gpu_benchmark_script_runs_in_smoke_mode_and_accounts_for_every_token(tiny_dir, tmp_path):
+    """benchmarks/gpu_scoring.py is run on a GPU only when one is lent: keep it working on CPU."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_scoring.py"), "--smoke",
+                           "--model", tiny_dir, "--out", str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_scoring.json").read_text())
+    assert report["pipeline_tokens"] == report["expected_tokens"] > 0
+    assert report["best_batch"] >= 1 and report["bare_best_tokens_per_s"] > 0
+    assert -1 <= report["spearman_bf16_fp32"] <= 1 and report["parity_docs"] > 0

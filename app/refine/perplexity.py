@@ -90,17 +90,30 @@ def pack(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def list_arrays(column: pa.ChunkedArray) -> list[Optional[np.ndarray]]:
+    """A list<int> column as numpy views per row (None for nulls), without building Python lists."""
+    out: list[Optional[np.ndarray]] = []
+    for chunk in column.chunks:
+        flat = chunk.values.to_numpy(zero_copy_only=False)  # values of the whole chunk (incl. before its offset)
+        offsets = chunk.offsets.to_numpy()
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        out.extend(flat[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(chunk)))
+    return out
+
+
 class PerplexityScorer:
     """Ray Data callable class: ``_ppl_ids`` -> ``ppl_nll``, ``perplexity``, ``ppl_tokens`` (model loaded once)."""
 
     def __init__(self, model_ref: str, *, max_tokens: int = 1024, batch_tokens: int = 16384, window: str = "first",
-                 context: Optional[int] = None, device: Optional[str] = None, logit_chunk: int = 2048):
+                 context: Optional[int] = None, device: Optional[str] = None, logit_chunk: int = 2048,
+                 dtype: str = "auto"):
         import torch
 
         from app.models import load_causal_lm
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.lm = load_causal_lm(model_ref, device=self.device)
+        self.lm = load_causal_lm(model_ref, device=self.device,
+                                 dtype=None if dtype == "auto" else getattr(torch, dtype))
         self.max_tokens = max_tokens
         self.batch_tokens = max(batch_tokens, max_tokens)
         self.window = window
@@ -108,20 +121,22 @@ class PerplexityScorer:
         self.logit_chunk = logit_chunk
         self.pad_id = self.lm.tokenizer.pad_token_id or 0
 
-    def _forward(self, segs: list[tuple[list[int], int]]) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, segs: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
         """Sum of NLL and number of scored tokens per segment, one micro-batch."""
         import torch
 
         model = self.lm.model
         T = max(len(s) for s, _ in segs)
-        ids = torch.full((len(segs), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(segs), T), dtype=torch.long)
-        score = torch.zeros((len(segs), T), dtype=torch.bool)  # positions whose token is scored
+        ids = np.full((len(segs), T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(segs), T), dtype=np.int64)
+        score = np.zeros((len(segs), T), dtype=np.bool_)  # positions whose token is scored
         for r, (s, first) in enumerate(segs):
-            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            ids[r, : len(s)] = s
             mask[r, : len(s)] = 1
             score[r, first : len(s)] = True
-        ids, mask, score = ids.to(self.device), mask.to(self.device), score.to(self.device)
+        pin = self.device.startswith("cuda")
+        ids, mask, score = (torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) if pin
+                            else torch.from_numpy(a) for a in (ids, mask, score))
         with torch.inference_mode():
             hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
             # position t predicts token t+1: keep the hidden states whose next token is scored
@@ -139,11 +154,13 @@ class PerplexityScorer:
             counts = torch.bincount(rows, minlength=len(segs))
         return sums.cpu().numpy(), counts.cpu().numpy()
 
-    def score_ids(self, docs: list[Optional[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
-        """Per document: sum of token NLL and tokens scored (0 for empty/None documents)."""
+    def score_ids(self, docs: list) -> tuple[np.ndarray, np.ndarray]:
+        """Per document: sum of token NLL and tokens scored (0 for empty/None documents).
+
+        ``docs``: token id sequences (lists or 1-d arrays), None for documents not scored."""
         segs, owner = [], []
         for d, ids in enumerate(docs):
-            for seg in segments(ids or [], self.max_tokens, self.window, self.context):
+            for seg in segments(ids if ids is not None else [], self.max_tokens, self.window, self.context):
                 segs.append(seg)
                 owner.append(d)
         nll = np.zeros(len(docs), dtype=np.float64)
@@ -156,7 +173,7 @@ class PerplexityScorer:
         return nll, count
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        nll_sum, count = self.score_ids(table.column("_ppl_ids").to_pylist())
+        nll_sum, count = self.score_ids(list_arrays(table.column("_ppl_ids")))
         mean = [float(s / c) if c else None for s, c in zip(nll_sum, count)]
         return (table.drop_columns(["_ppl_ids"])
                 .append_column("ppl_nll", pa.array(mean, pa.float64()))

@@ -52,15 +52,24 @@ def mark_for_scoring(table: pa.Table, *, score_dropped: bool) -> pa.Table:
     return table.append_column(SCORE_COLUMN, text)
 
 
+def tokenize_pool(p):
+    """Tokenizer actors: the configured number, or an autoscaling pool of 1 to the cluster's CPUs."""
+    if p.tokenize_concurrency is not None:
+        return p.tokenize_concurrency
+    import ray
+
+    return (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
+
+
 def add_model_steps(ds, cfg, toxicity_ok: bool):
     p, t = cfg.perplexity, cfg.toxicity
     if p.enabled:
         ds = ds.map_batches(Tokenize, fn_constructor_kwargs={"model_ref": p.model, "max_tokens": p.max_tokens,
                                                              "window": p.window, "column": SCORE_COLUMN},
-                            batch_format="pyarrow", batch_size=p.batch_size, concurrency=p.concurrency)
+                            batch_format="pyarrow", batch_size=p.batch_size, concurrency=tokenize_pool(p))
         ds = ds.map_batches(PerplexityScorer, fn_constructor_args=(p.model,),
                             fn_constructor_kwargs={"max_tokens": p.max_tokens, "batch_tokens": p.batch_tokens,
-                                                   "window": p.window, "context": p.context,
+                                                   "window": p.window, "context": p.context, "dtype": p.dtype,
                                                    "device": "cuda" if p.num_gpus > 0 else "cpu"},
                             batch_format="pyarrow", batch_size=p.batch_size, concurrency=p.concurrency,
                             num_gpus=p.num_gpus)
