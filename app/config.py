@@ -275,6 +275,18 @@ class DecideConfig:
 
 
 @dataclass
+class ReportConfig:
+    samples: int = 3
+    """Sample documents per drop reason kept in report.json (duplicates with the document they matched)."""
+    heatmap_rows: int = 100
+    """Most heatmap rows; with more shards, consecutive shards are aggregated into this many groups."""
+
+    def __post_init__(self) -> None:
+        _check(self.samples >= 0, "report.samples", "must be >= 0")
+        _check(self.heatmap_rows >= 1, "report.heatmap_rows", "must be >= 1")
+
+
+@dataclass
 class RefineConfig:
     io: IOConfig = field(default_factory=IOConfig)
     """Reading, parsing and quarantine."""
@@ -290,6 +302,8 @@ class RefineConfig:
     """Which documents the model steps score."""
     decide: DecideConfig = field(default_factory=DecideConfig)
     """The quality decision: model-based drop rules and buckets."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """report.json / report.html (the data-quality dashboard)."""
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -91,6 +91,28 @@ def test_accounting_under_every_kind_of_bad_input(corpus, run1):
     assert not os.path.exists(os.path.join(out, "_work"))
 
 
+def test_report_samples_and_dashboard_fields_are_real_rows(run1):
+    from app.refine.profile import SAMPLE_CHARS
+    from app.refine.report import HEURISTIC_REASONS
+
+    out, report = run1
+    rows = {r["id"]: r for r in read_dir(os.path.join(out, "dropped")) + read_dir(os.path.join(out, "kept"))}
+    cut = lambda t: t if len(t) <= SAMPLE_CHARS else t[:SAMPLE_CHARS] + " …"  # noqa: E731
+    assert report["samples"], "no samples"
+    for reason, docs in report["samples"].items():
+        assert 1 <= len(docs) <= report["config"]["report"]["samples"]
+        for d in docs:
+            assert rows[d["id"]]["drop_reason"] == reason and d["text"] == cut(rows[d["id"]]["text"])
+            if reason in ("exact_duplicate", "near_duplicate"):
+                m = d["matched"]
+                assert m["id"] == rows[d["id"]]["duplicate_of"] and m["text"] == cut(rows[m["id"]]["text"])
+    assert {"exact_duplicate", "near_duplicate"} <= set(report["samples"])
+    for s in report["shards"]:
+        heur = sum(1 for r in rows.values() if r["source"] == s["source"] and r.get("drop_reason") in HEURISTIC_REASONS)
+        assert s["heuristic_dropped"] == heur
+        assert s["kept_share"] == (s["kept"] / s["docs"] if s["docs"] else None)
+
+
 def test_exact_dedup_keeps_the_smallest_id(corpus, run1):
     out, _ = run1
     dropped = {r["id"]: r for r in read_dir(os.path.join(out, "dropped"))}

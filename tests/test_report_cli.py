@@ -4,7 +4,8 @@ import pytest
 
 from app.cli import main
 from app.config import RefineConfig, load_config
-from app.refine.report import build_report, render_html
+from app.dashboard.render import page_data, render_page
+from app.refine.report import build_report
 
 
 NO_MODELS = load_config(RefineConfig, None, ["perplexity.enabled=false", "toxicity.enabled=false"])
@@ -21,7 +22,7 @@ def test_accounting_holds_and_fails_per_shard():
                               "drop_reasons": {"exact_duplicate": 1, "near_duplicate": 1, "gopher_min_words": 1}}})
     assert ok["accounting"]["ok"] and ok["counts"] == {"input": 10, "kept": 5, "dropped": 3, "quarantined": 2}
     assert ok["shards"][0]["exact_dup_ratio"] == pytest.approx(0.1)
-    assert "<table>" in render_html(ok) and json.dumps(ok)
+    assert page_data(render_page([ok]), "heatmap-0")[0]["y"] == ["a.jsonl"] and json.dumps(ok)
     lost = _report({"a.jsonl": {"records": 10, "quarantined": 2, "quarantine_reasons": {}}},
                    {"a.jsonl": {"docs": 7, "kept": 5, "dropped": 2, "drop_reasons": {"x": 2}}})
     assert not lost["accounting"]["ok"] and "a.jsonl: input 10" in lost["accounting"]["message"]

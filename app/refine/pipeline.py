@@ -32,6 +32,7 @@ from app.refine.io import CorpusDatasource, expand_inputs
 from app.refine.lsh import bucket_edges, bucket_rows, minhash_step, partition_of
 from app.refine.minhash import lsh_params
 from app.refine.normalize import normalize_step
+from app.refine.profile import duplicate_samples, pick_duplicates
 from app.refine.report import AccountingError, build_report, write_report
 from app.refine.scoring import ScoredSink, add_model_steps, check_toxicity, mark_for_scoring
 from app.refine.sinks import OutputSink, WorkSink
@@ -200,7 +201,9 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
 
     # ---- pass 4: decide (and score) and write
     t0 = time.time()
-    out_sink = OutputSink(out_dir)
+    dup_picks = pick_duplicates(os.path.join(out_dir, "duplicates"), cfg.report.samples)
+    out_sink = OutputSink(out_dir, max_toxicity=cfg.decide.max_toxicity, samples=cfg.report.samples,
+                          lookup_ids={d for p in dup_picks for d in (p["id"], p["representative_id"])})
     summary: dict = {}
     if n_good:
         # Whole blocks: a work file holds one partition, so a worker holds one partition's labels at a time.
@@ -226,7 +229,8 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     report = build_report(files=files, cfg=cfg, ingest=work_sink.counts, output=out_sink.counts,
                           steps=ray.get(stats.get.remote()), graph=graph_stats, phases=phases,
                           lsh={"bands": bands, "rows": rows}, out_dir=out_dir, scores=summary,
-                          toxicity=(toxicity_ok, toxicity_reason))
+                          toxicity=(toxicity_ok, toxicity_reason), profile=out_sink.profile,
+                          duplicate_samples=duplicate_samples(dup_picks, out_sink.profile["lookup"]))
     write_report(report, out_dir)
     if not keep_work:
         shutil.rmtree(os.path.join(out_dir, "_work"), ignore_errors=True)

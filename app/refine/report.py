@@ -1,18 +1,18 @@
-"""report.json: counts, drop reasons, one row per shard, one row per step, config, versions; the accounting check.
-
-``report.html`` here is a plain static summary rendered from report.json; the data-quality dashboard
-(``app/dashboard``) replaces it when it lands.
+"""report.json: counts, drop reasons, one row per shard, one row per step, histograms, samples, config,
+versions; the accounting check. ``report.html`` is the data-quality dashboard (``app.dashboard``) rendered
+from report.json alone.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import platform
 from importlib import metadata
 
 from app.config import to_dict
+from app.refine.heuristics import RULES
+from app.refine.profile import PPL_LOG10_EDGES, TOX_EDGES, empty_profile
 
 
 class AccountingError(RuntimeError):
@@ -36,8 +36,17 @@ SCORE_FIELDS = ["perplexity_p10", "perplexity_p50", "perplexity_p90", "toxicity_
                 "toxicity_mean"]
 
 
+HEURISTIC_REASONS = frozenset(name for name, _f, _fn in RULES)
+
+
+def _share(n, d):
+    return n / d if d else None
+
+
 def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: dict, phases: dict, lsh: dict,
-                 out_dir: str, scores: dict | None = None, toxicity: tuple[bool, str] = (False, "toxicity.enabled is false")) -> dict:
+                 out_dir: str, scores: dict | None = None, toxicity: tuple[bool, str] = (False, "toxicity.enabled is false"),
+                 profile: dict | None = None, duplicate_samples: dict | None = None) -> dict:
+    profile = profile or empty_profile()
     shards = []
     problems = []
     totals = {"input": 0, "kept": 0, "dropped": 0, "quarantined": 0}
@@ -60,6 +69,13 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
             "scored": (scores or {}).get(src, {}).get("scored", 0),
             **{f: (scores or {}).get(src, {}).get(f) for f in SCORE_FIELDS},
         }
+        tox = profile["sources"].get(src, {})
+        row["toxicity_scored"] = tox.get("toxicity_scored", 0)
+        row["toxicity_over"] = tox.get("toxicity_over", 0)
+        row["heuristic_dropped"] = sum(n for r, n in row["drop_reasons"].items() if r in HEURISTIC_REASONS)
+        row["kept_share"] = _share(row["kept"], n_in)
+        row["toxicity_over_share"] = _share(row["toxicity_over"], row["toxicity_scored"])
+        row["heuristic_drop_share"] = _share(row["heuristic_dropped"], n_in)
         if row["docs"] != row["kept"] + row["dropped"] + row["quarantined"]:
             problems.append(f"{src}: input {row['docs']} != kept {row['kept']} + dropped {row['dropped']} "
                             f"+ quarantined {row['quarantined']}")
@@ -111,6 +127,13 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
         "shards": shards,
         "steps": step_rows,
         "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
+        "histograms": {
+            "perplexity": {"log10_edges": PPL_LOG10_EDGES.tolist(), **profile["hist"]["perplexity"]},
+            "toxicity": {"edges": TOX_EDGES.tolist(), **profile["hist"]["toxicity"]}},
+        "thresholds": {"max_perplexity": cfg.decide.max_perplexity, "max_nll_percentile": cfg.decide.max_nll_percentile,
+                       "max_toxicity": cfg.decide.max_toxicity},
+        "samples": {**{r: v for r, v in profile["samples"].items() if r not in (duplicate_samples or {})},
+                    **(duplicate_samples or {})},
         "toxicity": {"available": toxicity[0], "reason": toxicity[1]},
         "perplexity": {"available": cfg.perplexity.enabled,
                        "reason": "ok" if cfg.perplexity.enabled else "perplexity.enabled is false",
@@ -121,38 +144,10 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
     }
 
 
-def _table(rows: list[dict], cols: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}: {n}" for k, n in v.items())
-    return "" if v is None else str(v)
-
-
-def render_html(report: dict) -> str:
-    c = report["counts"]
-    reasons = [{"reason": k, "documents": v} for k, v in report["drop_reasons"].items()]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Distillery refine report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#f4f4f4}}</style></head><body>
-<h1>Refine report</h1><p>{html.escape(report['output'])}</p>
-<p>input {c['input']} &middot; kept {c['kept']} &middot; dropped {c['dropped']} &middot; quarantined {c['quarantined']}
-&middot; accounting: {html.escape(report['accounting']['message'])}</p>
-<h2>Drop reasons</h2>{_table(reasons, ['reason', 'documents'])}
-<h2>Shards</h2>{_table(report['shards'], ['source', 'docs', 'kept', 'dropped', 'quarantined', 'exact_dup_ratio', 'near_dup_ratio',
-                                           'perplexity_p50', 'perplexity_p90', 'toxicity_p90'])}
-<h2>Steps</h2>{_table(report['steps'], ['name', 'seconds', 'docs_in', 'docs_out', 'note'])}
-</body></html>"""
-
-
 def write_report(report: dict, out_dir: str) -> None:
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2, sort_keys=False)
+    from app.dashboard.render import render_page
+
     with open(os.path.join(out_dir, "report.html"), "w") as f:
-        f.write(render_html(report))
+        f.write(render_page([report]))

@@ -2,7 +2,8 @@
 
 ``WorkSink``   parsed + scored records -> ``_work/docs/p=<part>/`` (hash-partitioned by id) and
                malformed records -> ``quarantine/``; returns per-source record/quarantine counts.
-``OutputSink`` decided records -> ``kept/`` and ``dropped/``; returns per-source keep/drop counts.
+``OutputSink`` decided records -> ``kept/`` and ``dropped/``; returns per-source keep/drop counts and the
+               dashboard's profile (``app.refine.profile``).
 File names derive from the write task index, so a retried task rewrites its own files.
 """
 
@@ -19,6 +20,7 @@ from ray.data.datasource import Datasink
 
 from app.refine.io import QUARANTINE_COLUMNS
 from app.refine.lsh import partition_of
+from app.refine.profile import empty_profile, merge_profiles, profile_block
 
 WORK_DROP = ["_norm", "error", "error_detail", "raw", "raw_bytes"]
 
@@ -98,18 +100,24 @@ class WorkSink(Datasink):
 
 
 class OutputSink(Datasink):
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, *, max_toxicity: float | None = None, lookup_ids=(), samples: int = 3):
         self.out_dir = out_dir
+        self.max_toxicity = max_toxicity
+        self.lookup_ids = frozenset(lookup_ids)
+        self.k = samples
         self.counts: dict = {}
+        self.profile: dict = empty_profile()
 
     def write(self, blocks, ctx) -> dict:
         counts: dict = defaultdict(lambda: {"docs": 0, "kept": 0, "dropped": 0, "exact_duplicates": 0,
                                             "near_duplicates": 0, "drop_reasons": Counter()})
         out = _Writers()
         name = f"part-{ctx.task_idx:06d}.parquet"
+        profiles = []
         for block in blocks:
             if block.num_rows == 0:
                 continue
+            profiles.append(profile_block(block, max_toxicity=self.max_toxicity, lookup_ids=self.lookup_ids, k=self.k))
             is_drop = pc.is_valid(block.column("drop_reason"))
             for src, reason, reasons in zip(block.column("source").to_pylist(), block.column("drop_reason").to_pylist(),
                                             block.column("drop_reasons").to_pylist()):
@@ -129,7 +137,10 @@ class OutputSink(Datasink):
             if dropped.num_rows:
                 out.write(os.path.join(self.out_dir, "dropped", name), dropped)
         out.close()
-        return {src: {**c, "drop_reasons": dict(c["drop_reasons"])} for src, c in counts.items()}
+        return {"counts": {src: {**c, "drop_reasons": dict(c["drop_reasons"])} for src, c in counts.items()},
+                "profile": merge_profiles(profiles, self.k)}
 
     def on_write_complete(self, write_result) -> None:
-        self.counts = merge_counts(write_result.write_returns)
+        returns = write_result.write_returns
+        self.counts = merge_counts(r["counts"] for r in returns)
+        self.profile = merge_profiles((r["profile"] for r in returns), self.k)
