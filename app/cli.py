@@ -85,6 +85,82 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delta(args: argparse.Namespace) -> int:
+    import json
+
+    from app.delta.checkpoint import DeltaError
+    from app.models import ModelLoadError
+
+    try:
+        if args.action == "extract":
+            from app.delta.extract import RankPolicy, extract
+
+            policy = RankPolicy(rank=args.rank, energy=args.energy, sv_epsilon=args.sv_epsilon, svd=args.svd,
+                                oversample=args.oversample, power_iters=args.power_iters, max_rank=args.max_rank)
+            res = extract(args.base, args.tuned, args.out, policy=policy, embeddings=args.embeddings,
+                          include=args.include, exclude=args.exclude, dtype=args.dtype, resize=args.resize)
+            ranks = [v["rank"] for v in res.modules.values() if "rank" in v]
+            print(f"adapter: {args.out}  ({len(ranks)} LoRA modules, ranks {min(ranks) if ranks else '-'}.."
+                  f"{max(ranks) if ranks else '-'}, {sum(v['kind'] == 'modules_to_save' for v in res.modules.values())} "
+                  f"saved in full, {len(res.skipped)} skipped; {res.seconds:.1f}s)")
+        elif args.action == "apply":
+            from app.delta.apply import apply
+
+            out = apply(args.adapter, args.model, args.out, merge=args.merge, dtype=args.dtype)
+            print(f"{'merged checkpoint' if args.merge else 'adapter'}: {out}")
+        else:
+            from app.delta.verify import table, verify
+
+            report = verify(args.base, args.tuned, args.adapter, texts=args.texts, n_texts=args.num_texts,
+                            max_tokens=args.max_tokens)
+            print(table(report))
+            if args.report:
+                with open(args.report, "w") as f:
+                    json.dump(report, f, indent=1)
+                print(f"report: {args.report}")
+    except (DeltaError, ModelLoadError, FileNotFoundError) as e:
+        print(f"delta {args.action}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _delta_args(sub) -> None:
+    p = sub.add_parser("delta", help="weight deltas as LoRA adapters: extract | apply | verify")
+    acts = p.add_subparsers(dest="action", required=True)
+    e = acts.add_parser("extract", help="tuned - base as a PEFT LoRA adapter")
+    e.add_argument("--base", required=True)
+    e.add_argument("--tuned", required=True)
+    e.add_argument("--out", required=True)
+    rank = e.add_mutually_exclusive_group(required=True)
+    rank.add_argument("--rank", type=int, help="the same rank for every module")
+    rank.add_argument("--energy", type=float, help="per module: smallest rank keeping this fraction of ||delta||_F^2")
+    rank.add_argument("--sv-epsilon", type=float, help="per module: singular values above this")
+    e.add_argument("--svd", choices=["exact", "randomized"], default="exact")
+    e.add_argument("--oversample", type=int, default=10)
+    e.add_argument("--power-iters", type=int, default=2)
+    e.add_argument("--max-rank", type=int, default=None, help="randomized + --energy/--sv-epsilon: triplets computed")
+    e.add_argument("--embeddings", choices=["lora", "full", "skip"], default="lora")
+    e.add_argument("--include", help="regex: only modules whose name matches")
+    e.add_argument("--exclude", help="regex: leave out modules whose name matches")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="adapter dtype (default: the input's)")
+    e.add_argument("--resize", action="store_true", help="allow a different vocabulary size (embeddings in full)")
+    a = acts.add_parser("apply", help="a LoRA adapter onto a model: merged checkpoint or adapter")
+    a.add_argument("--adapter", required=True)
+    a.add_argument("--model", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--merge", action="store_true", help="merge_and_unload and save an HF checkpoint")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    v = acts.add_parser("verify", help="per-module error and KL(tuned || base + adapter)")
+    v.add_argument("--base", required=True)
+    v.add_argument("--tuned", required=True)
+    v.add_argument("--adapter", required=True)
+    v.add_argument("--texts", help="text file (a text per line, or JSONL with text); default: text on this machine")
+    v.add_argument("--num-texts", type=int, default=32)
+    v.add_argument("--max-tokens", type=int, default=256)
+    v.add_argument("--report", help="write the JSON report here")
+    p.set_defaults(fn=cmd_delta)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__)
@@ -101,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("outdirs", nargs="+", metavar="OUTDIR", help="refine output directories (two: side by side)")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
     p.set_defaults(fn=cmd_dashboard)
+    _delta_args(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,286 @@
+"""``delta extract``: the weight difference of two checkpoints as a PEFT LoRA adapter.
+
+Per parameter of the tuned checkpoint (streamed one base/tuned pair at a time), delta = tuned - base in fp32:
+
+    Linear / Conv1D weight   truncated SVD of the delta as (out, in) (Conv1D stores (in, out): transposed
+                             first, and the adapter says ``fan_in_fan_out``): B = U_k sqrt(S_k),
+                             A = sqrt(S_k) V_k^T, ``lora_alpha`` = rank per module, so PEFT's scaling is 1
+                             and B @ A is the delta itself
+    Linear / Conv1D bias     ``lora_B.bias`` (``lora_bias: true``; PEFT's switch is global, so every target
+                             gets one, zero where the bias did not change)
+    Embedding weight         ``--embeddings lora``: PEFT embedding LoRA (lora_embedding_A/B, same SVD of the
+                             delta transposed); ``full``: the tuned embedding in ``modules_to_save``; ``skip``
+    anything else (norms)    the tuned module in ``modules_to_save``
+
+Rank per module: ``rank`` (fixed), ``energy`` (smallest k whose singular values keep that fraction of the
+delta's squared Frobenius norm) or ``sv_epsilon`` (singular values above it); recorded in
+``rank_pattern``/``alpha_pattern``. SVD: ``exact`` (torch.linalg.svd) or ``randomized``
+(torch.svd_lowrank with oversampling and power iterations), in fp32, on CUDA when present. Parameters
+that did not change are left out. Tied input/output embeddings that changed travel in full (both
+modules, one tuned weight): PEFT cannot merge a LoRA on tied weights exactly once. A different vocabulary size is an error unless ``resize``: then the tuned
+embedding (and an untied output layer) travel in full and ``distillery_delta.json`` records the size
+the target model is resized to before the adapter is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from app.delta.checkpoint import Checkpoint, DeltaError, iter_param_keys, module_kinds
+
+log = logging.getLogger(__name__)
+
+META_FILE = "distillery_delta.json"
+
+
+@dataclass
+class RankPolicy:
+    rank: Optional[int] = None
+    energy: Optional[float] = None
+    sv_epsilon: Optional[float] = None
+    svd: str = "exact"
+    oversample: int = 10
+    power_iters: int = 2
+    max_rank: Optional[int] = None  # randomized + energy/epsilon: the most singular triplets computed
+
+    def __post_init__(self) -> None:
+        given = [x is not None for x in (self.rank, self.energy, self.sv_epsilon)]
+        if sum(given) != 1:
+            raise DeltaError("give exactly one of --rank, --energy, --sv-epsilon")
+        if self.rank is not None and self.rank < 1:
+            raise DeltaError("--rank must be >= 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise DeltaError("--energy must be in (0, 1]")
+        if self.svd not in ("exact", "randomized"):
+            raise DeltaError("--svd must be exact or randomized")
+
+
+def pick_rank(s, total: float, policy: RankPolicy) -> int:
+    """k from singular values ``s`` (descending) of a matrix whose squared Frobenius norm is ``total``."""
+    import torch
+
+    if policy.rank is not None:
+        return min(policy.rank, len(s))
+    if policy.sv_epsilon is not None:
+        return int((s > policy.sv_epsilon).sum())
+    kept = torch.cumsum(s.double() ** 2, 0) / total
+    reach = torch.nonzero(kept >= policy.energy * (1 - 1e-12))
+    return int(reach[0]) + 1 if len(reach) else len(s) + 1  # len+1: not reached with these values
+
+
+def svd_topk(m, k: int, policy: RankPolicy):
+    """(U_k, S_k, V_k) of m, exact or randomized."""
+    import torch
+
+    if policy.svd == "randomized" and k < min(m.shape):
+        q = min(k + policy.oversample, min(m.shape))
+        u, s, v = torch.svd_lowrank(m, q=q, niter=policy.power_iters)
+        return u[:, :k], s[:k], v[:, :k]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :k], s[:k], vh[:k].T
+
+
+def factorize(m, policy: RankPolicy):
+    """B (out, k), A (k, in) with B @ A ~ m (fp32); plus k and the energy fraction kept."""
+    import torch
+
+    total = float((m.double() ** 2).sum())
+    if total == 0:
+        return None
+    full = min(m.shape)
+    if policy.rank is not None:
+        k = min(policy.rank, full)
+        u, s, v = svd_topk(m, k, policy)
+    elif policy.svd == "randomized":
+        cap = min(policy.max_rank or 256, full)
+        u, s, v = svd_topk(m, cap, policy)
+        k = pick_rank(s, total, policy)
+        if k > len(s):  # the threshold needs more than was computed: do it exactly
+            u, s, vh = torch.linalg.svd(m, full_matrices=False)
+            v = vh.T
+            k = pick_rank(s, total, policy)
+        u, s, v = u[:, :k], s[:k], v[:, :k]
+    else:  # exact: the energy of the full spectrum as computed (fp32 singular values), not of m in float64
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        k = min(pick_rank(s, float((s.double() ** 2).sum()), policy), full)
+        u, s, v = u[:, :k], s[:k], vh[:k].T
+    if k == 0:
+        return None
+    root = s.sqrt()
+    b = u * root
+    a = (v * root).T
+    err = float(torch.linalg.matrix_norm(m - b @ a)) / math.sqrt(total)
+    return b.contiguous(), a.contiguous(), k, float((s.double() ** 2).sum()) / total, err
+
+
+@dataclass
+class ExtractResult:
+    out: str
+    modules: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _match(name: str, include: Optional[str], exclude: Optional[str]) -> bool:
+    return (include is None or re.search(include, name) is not None) and (exclude is None or re.search(exclude, name) is None)
+
+
+def extract(base: str, tuned: str, out: str, *, policy: RankPolicy, embeddings: str = "lora",
+            include: Optional[str] = None, exclude: Optional[str] = None, dtype: Optional[str] = None,
+            resize: bool = False, device: Optional[str] = None) -> ExtractResult:
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if embeddings not in ("lora", "full", "skip"):
+        raise DeltaError("--embeddings must be lora, full or skip")
+    t0 = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    b_ck, t_ck = Checkpoint(base), Checkpoint(tuned)
+    if b_ck.config.model_type != t_ck.config.model_type:
+        raise DeltaError(f"different architectures: base is {b_ck.config.model_type}, tuned is {t_ck.config.model_type}")
+    kinds, params, tied = module_kinds(t_ck.config)
+    tied_out = {o for _, o in tied}
+    res = ExtractResult(out=out)
+    tensors: dict = {}
+    lora_mods: dict[str, dict] = {}  # module -> {"kind", "rank", "bias": tensor|None, "dtype"}
+    save_mods: set[str] = set()
+    embed_lora: set[str] = set()
+    resize_to = None
+    out_dtype = getattr(torch, dtype) if dtype else None
+
+    def put(key, value, like):
+        tensors[key] = value.to(out_dtype or like.dtype).contiguous().cpu()
+
+    for key, mod, pname in iter_param_keys(t_ck, params):
+        kind = kinds[mod]
+        if not _match(mod, include, exclude):
+            res.skipped[key] = "excluded by --include/--exclude"
+            continue
+        if mod in tied_out and key not in b_ck:
+            continue  # the tied output layer: adapted through the input embedding
+        if key not in b_ck:
+            raise DeltaError(f"{key} is in the tuned checkpoint but not in the base")
+        tb, tt = b_ck.get(key), t_ck.get(key)
+        if tb.shape != tt.shape:
+            vocab_rows = kind == "embedding" or mod in tied_out or mod == "lm_head"
+            if vocab_rows and tb.shape[1:] == tt.shape[1:]:
+                if not resize:
+                    raise DeltaError(f"vocabulary size differs: {key} has {tb.shape[0]} rows in the base and {tt.shape[0]} "
+                                     "in the tuned checkpoint; pass --resize to carry the tuned embedding in full and "
+                                     "resize the target model when applying")
+                resize_to = tt.shape[0]
+                save_mods.add(mod)
+                continue
+            raise DeltaError(f"{key}: shape {tuple(tb.shape)} in the base, {tuple(tt.shape)} in the tuned checkpoint")
+        delta = tt.to(device, torch.float32) - tb.to(device, torch.float32)
+        if not bool(delta.any()):
+            continue
+        if kind in ("linear", "conv1d") and pname == "weight":
+            m = delta.T if kind == "conv1d" else delta
+            f = factorize(m, policy)
+            if f is None:
+                res.skipped[key] = "no singular value above the threshold"
+                continue
+            b, a, k, energy, err = f
+            lora_mods.setdefault(mod, {"kind": kind})
+            lora_mods[mod].update(rank=k, like=tt, energy=energy, rel_error=err)
+            put(f"base_model.model.{mod}.lora_A.weight", a, tt)
+            put(f"base_model.model.{mod}.lora_B.weight", b, tt)
+        elif kind in ("linear", "conv1d") and pname == "bias":
+            lora_mods.setdefault(mod, {"kind": kind})["bias"] = (delta, tt)
+        elif kind == "embedding" and embeddings == "skip":
+            res.skipped[key] = "--embeddings skip"
+        elif kind == "embedding" and embeddings == "lora":
+            f = factorize(delta.T, policy)  # PEFT: delta = (lora_embedding_B @ lora_embedding_A).T
+            if f is None:
+                res.skipped[key] = "no singular value above the threshold"
+                continue
+            b, a, k, energy, err = f
+            embed_lora.add(mod)
+            lora_mods[mod] = {"kind": "embedding", "rank": k, "energy": energy, "rel_error": err}
+            put(f"base_model.model.{mod}.lora_embedding_A", a, tt)
+            put(f"base_model.model.{mod}.lora_embedding_B", b, tt)
+        else:
+            save_mods.add(mod)
+        del delta, tb, tt
+
+    # biases: a module whose bias changed but whose weight did not still needs LoRA factors (zero, rank 1)
+    any_bias = any("bias" in v for v in lora_mods.values())
+    if any_bias and embed_lora:  # PEFT: lora_bias=True is not supported for embedding LoRA
+        for mod in sorted(embed_lora):
+            log.warning("%s: saved in full (modules_to_save): PEFT's lora_bias, needed for the bias deltas, "
+                        "does not support embedding LoRA", mod)
+            res.skipped[f"{mod}.weight"] = "embedding LoRA impossible with lora_bias: saved in full instead"
+            del lora_mods[mod], tensors[f"base_model.model.{mod}.lora_embedding_A"], tensors[f"base_model.model.{mod}.lora_embedding_B"]
+            save_mods.add(mod)
+        embed_lora.clear()
+    for mod, v in list(lora_mods.items()):
+        if v["kind"] == "embedding":
+            continue
+        if "rank" not in v:
+            delta, like = v["bias"]
+            n_out, n_in = (delta.shape[0], _in_features(t_ck, mod, v["kind"]))
+            put(f"base_model.model.{mod}.lora_A.weight", delta.new_zeros(1, n_in), like)
+            put(f"base_model.model.{mod}.lora_B.weight", delta.new_zeros(n_out, 1), like)
+            v.update(rank=1, energy=1.0, rel_error=0.0, like=like)
+        if any_bias:
+            n_out = tensors[f"base_model.model.{mod}.lora_B.weight"].shape[0]
+            bias = v["bias"][0] if "bias" in v else tensors[f"base_model.model.{mod}.lora_B.weight"].new_zeros(n_out)
+            put(f"base_model.model.{mod}.lora_B.bias", bias, v["like"] if "like" in v else v["bias"][1])
+    # Tied input/output embeddings travel in full, both modules with the same tuned weight. PEFT 0.21's
+    # LoRA on a tied embedding either misses the output layer (unmerged) or, with ensure_weight_tying,
+    # applies the delta twice to the shared weight when merged (seen in tests/test_delta.py's round trip).
+    alias: dict[str, str] = {}
+    for inp, outm in tied:
+        if inp not in save_mods and inp not in embed_lora:
+            continue
+        if inp in embed_lora:
+            res.skipped[f"{inp}.weight"] = "tied embedding: saved in full with its tied output layer (PEFT cannot merge a LoRA on tied weights once)"
+            del lora_mods[inp], tensors[f"base_model.model.{inp}.lora_embedding_A"], tensors[f"base_model.model.{inp}.lora_embedding_B"]
+            embed_lora.discard(inp)
+            save_mods.add(inp)
+        save_mods.add(outm)
+        alias[f"{outm}.weight"] = f"{inp}.weight"
+    for mod in save_mods:
+        for p in params[mod]:
+            key = f"{mod}.{p}"
+            src = key if key in t_ck else alias.get(key)
+            if src is not None:
+                t = t_ck.get(src)
+                put(f"base_model.model.{key}", t, t)
+    if not lora_mods and not save_mods:
+        raise DeltaError("the two checkpoints do not differ (in the selected modules): nothing to extract")
+
+    targets = sorted(lora_mods)
+    ranks = {m: lora_mods[m]["rank"] for m in targets}
+    r = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
+    pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=targets or None, rank_pattern=pattern, alpha_pattern=dict(pattern),
+                     modules_to_save=sorted(save_mods) or None, lora_bias=any_bias, lora_dropout=0.0,
+                     fan_in_fan_out=any(v["kind"] == "conv1d" for v in lora_mods.values()),
+                     base_model_name_or_path=base,
+                     init_lora_weights=False)
+    os.makedirs(out, exist_ok=True)
+    cfg.save_pretrained(out)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    res.modules = {m: {k: v for k, v in lora_mods[m].items() if k in ("kind", "rank", "energy", "rel_error")} for m in targets}
+    res.modules.update({m: {"kind": "modules_to_save"} for m in sorted(save_mods)})
+    res.seconds = time.perf_counter() - t0
+    with open(os.path.join(out, META_FILE), "w") as f:
+        json.dump({"base": base, "tuned": tuned, "resize_vocab": resize_to, "streamed": b_ck.streamed and t_ck.streamed,
+                   "policy": policy.__dict__, "embeddings": embeddings, "modules": res.modules, "skipped": res.skipped,
+                   "seconds": res.seconds}, f, indent=1)
+    return res
+
+
+def _in_features(ckpt: Checkpoint, mod: str, kind: str) -> int:
+    w = ckpt.get(f"{mod}.weight")
+    return w.shape[0] if kind == "conv1d" else w.shape[1]

@@ -1,0 +1,223 @@
+"""Delta transfer: extract (SVD -> PEFT LoRA), apply (merge / other checkpoint), verify; tiny models built here."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from app.delta.apply import apply, load_adapted
+from app.delta.checkpoint import DeltaError
+from app.delta.extract import RankPolicy, extract, factorize, pick_rank
+from tests.tiny_models import tiny_tokenizer
+
+ARCHS = ["gpt2", "llama", "qwen2"]
+
+
+def build(arch: str, seed: int = 0, vocab_extra: int = 0, tie: bool = True):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    v = len(tok) + vocab_extra
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=64, **ids)), tok
+    common = dict(vocab_size=v, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, **ids)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)), tok
+    return Qwen2ForCausalLM(Qwen2Config(**common)), tok
+
+
+def perturb(model, seed: int, rank: int = 3, scale: float = 0.05):
+    """A 'fine-tune': low-rank + small full-rank changes to every matrix, and changed biases and norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                a = torch.randn(p.shape[0], rank, generator=g)
+                b = torch.randn(rank, p.shape[1], generator=g)
+                p.add_(scale * a @ b / rank + 0.002 * torch.randn(p.shape, generator=g))
+            else:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def save(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    base, tok = build(request.param, tie=request.param != "llama")  # llama untied: exercises embedding LoRA
+    b = save(base, tok, root / "base")
+    t = save(perturb(base, 1), tok, root / "tuned")
+    return request.param, b, t, root
+
+
+def tokens(tok, n=4):
+    words = "the quick brown fox jumps over lazy dog and a cat sat on mat".split()
+    return torch.tensor([[tok.bos_token_id] + [tok.convert_tokens_to_ids(w) for w in words[i:] + words[:i]]
+                         for i in range(n)])
+
+
+def state(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def test_full_rank_round_trip_reproduces_every_module_kind(pair, tmp_path):
+    arch, base, tuned, _ = pair
+    res = extract(base, tuned, str(tmp_path / "ad"), policy=RankPolicy(energy=1.0), embeddings="lora")
+    kinds = {v["kind"] for v in res.modules.values()}
+    assert ({"conv1d"} if arch == "gpt2" else {"linear"}) <= kinds and "modules_to_save" in kinds  # norms
+    if arch == "llama":
+        assert "embedding" in kinds and res.modules["lm_head"]["kind"] == "linear"  # untied output layer: LoRA
+    else:  # tied embeddings (and lora_bias) exclude embedding LoRA: the embedding travels in full, said so
+        assert any("tied embedding" in why or "lora_bias" in why for why in res.skipped.values())
+    cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert cfg["lora_bias"] == (arch in ("gpt2", "qwen2"))  # GPT-2 Conv1D and Qwen2 q/k/v have biases
+    merged_dir = apply(str(tmp_path / "ad"), base, str(tmp_path / "merged"), merge=True)
+    merged, want = state(merged_dir).state_dict(), state(tuned).state_dict()
+    for k, v in want.items():
+        assert torch.allclose(merged[k], v, atol=2e-5), (k, float((merged[k] - v).abs().max()))
+    # PEFT's unmerged model, the merged one and the tuned one give the same logits
+    peft_model, tok = load_adapted(str(tmp_path / "ad"), base)
+    x = tokens(tok)
+    with torch.no_grad():
+        lp = peft_model(input_ids=x).logits
+        lm = state(merged_dir)(input_ids=x).logits
+        lt = state(tuned)(input_ids=x).logits
+    assert torch.allclose(lp, lm, atol=1e-4) and torch.allclose(lm, lt, atol=1e-4)
+
+
+def test_conv1d_is_decomposed_not_saved_full(pair, tmp_path):
+    arch, base, tuned, _ = pair
+    if arch != "gpt2":
+        pytest.skip("Conv1D is GPT-2's")
+    extract(base, tuned, str(tmp_path / "ad"), policy=RankPolicy(rank=4))
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    a = sd["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
+    b = sd["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert a.shape == (4, 32) and b.shape == (96, 4)
+    assert "base_model.model.transformer.h.0.attn.c_attn.weight" not in sd
+    assert sd["base_model.model.transformer.h.0.attn.c_attn.lora_B.bias"].shape == (96,)
+
+
+def test_energy_picks_the_smallest_rank_reaching_the_threshold():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(40, 40))
+    v, _ = torch.linalg.qr(torch.randn(30, 30))
+    s = torch.tensor([10.0, 5, 3, 2, 1] + [0.1] * 25)
+    m = u[:, :30] @ torch.diag(s) @ v.T
+    total = float((s ** 2).sum())
+    for f in (0.5, 0.8, 0.9, 0.97, 0.99, 0.999, 1.0):
+        k = factorize(m, RankPolicy(energy=f))[2]
+        cum = torch.cumsum(s ** 2, 0) / total
+        assert float(cum[k - 1]) >= f - 1e-6 and (k == 1 or float(cum[k - 2]) < f)
+    assert pick_rank(s, total, RankPolicy(sv_epsilon=1.5)) == 4
+    assert factorize(m, RankPolicy(energy=0.9, svd="randomized", max_rank=8))[2] == factorize(m, RankPolicy(energy=0.9))[2]
+
+
+def test_randomized_svd_error_within_one_percent_of_exact():
+    torch.manual_seed(1)
+    for shape in ((256, 192), (96, 320)):
+        u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape)))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape)))
+        s = torch.exp(-torch.arange(min(shape), dtype=torch.float32) / 12)  # decaying spectrum
+        m = u @ torch.diag(s) @ v.T + 1e-4 * torch.randn(shape)
+        for k in (8, 16, 32):
+            exact = factorize(m, RankPolicy(rank=k))[4]
+            rand = factorize(m, RankPolicy(rank=k, svd="randomized", oversample=10, power_iters=2))[4]
+            assert rand <= exact * 1.01, (shape, k, exact, rand)
+
+
+def test_apply_onto_another_checkpoint_transfers_the_delta(tmp_path):
+    """base_v2 + (tuned_v1 - base_v1): the point of the tool. LoRA'd modules get the delta added; modules in
+    modules_to_save (norms here) carry tuned_v1's values, as PEFT defines them."""
+    base_v1, tok = build("llama", seed=0, tie=False)
+    b1 = save(base_v1, tok, tmp_path / "b1")
+    t1 = save(perturb(base_v1, 1), tok, tmp_path / "t1")
+    b2 = save(perturb(build("llama", seed=0, tie=False)[0], 7, scale=0.2), tok, tmp_path / "b2")  # another checkpoint
+    res = extract(b1, t1, str(tmp_path / "ad"), policy=RankPolicy(energy=1.0))
+    saved = {m for m, v in res.modules.items() if v["kind"] == "modules_to_save"}
+    assert saved and all("norm" in m for m in saved)
+    out = apply(str(tmp_path / "ad"), b2, str(tmp_path / "b2t"), merge=True)
+    got, sb1, st1, sb2 = (state(p).state_dict() for p in (out, b1, t1, b2))
+    for k in st1:
+        want = st1[k] if k.rsplit(".", 1)[0] in saved else sb2[k] + (st1[k] - sb1[k])
+        assert torch.allclose(got[k], want, atol=3e-5), k
+    kept = apply(str(tmp_path / "ad"), b2, str(tmp_path / "b2a"), merge=False)
+    assert os.path.isfile(os.path.join(kept, "adapter_model.safetensors"))
+
+
+def test_low_rank_is_lossy_and_reported(pair, tmp_path):
+    _, base, tuned, _ = pair
+    res = extract(base, tuned, str(tmp_path / "ad"), policy=RankPolicy(rank=2), embeddings="full")
+    errs = [v["rel_error"] for v in res.modules.values() if "rel_error" in v]
+    assert errs and all(0 < e < 1 for e in errs)
+    assert all(v["rank"] <= 2 for v in res.modules.values() if "rank" in v)
+    meta = json.load(open(tmp_path / "ad" / "distillery_delta.json"))
+    assert meta["streamed"] and meta["modules"] == json.loads(json.dumps(res.modules))
+
+
+def test_vocabulary_mismatch_is_an_error_unless_resize(tmp_path):
+    base, tok = build("llama", seed=0, tie=False)
+    b = save(base, tok, tmp_path / "b")
+    big, _ = build("llama", seed=0, vocab_extra=3, tie=False)
+    with torch.no_grad():
+        sd = base.state_dict()
+        for k, p in big.state_dict().items():
+            if p.shape == sd[k].shape:
+                p.copy_(sd[k])
+            else:
+                p[: sd[k].shape[0]].copy_(sd[k])
+    t = save(perturb(big, 2), tok, tmp_path / "t")
+    with pytest.raises(DeltaError, match="vocabulary size differs"):
+        extract(b, t, str(tmp_path / "ad"), policy=RankPolicy(rank=4))
+    extract(b, t, str(tmp_path / "ad"), policy=RankPolicy(energy=1.0), resize=True)
+    out = apply(str(tmp_path / "ad"), b, str(tmp_path / "m"))
+    got, want = state(out).state_dict(), state(t).state_dict()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=3e-5), k
+
+
+def test_bad_arguments_fail_with_a_clear_error(pair, tmp_path):
+    _, base, tuned, _ = pair
+    with pytest.raises(DeltaError, match="exactly one"):
+        RankPolicy(rank=4, energy=0.9)
+    with pytest.raises(DeltaError, match="do not differ"):
+        extract(base, base, str(tmp_path / "ad"), policy=RankPolicy(rank=4))
+
+
+def test_verify_and_cli_report_errors_and_kl(pair, tmp_path, capsys):
+    from app.cli import main
+
+    arch, base, tuned, _ = pair
+    texts = tmp_path / "t.txt"
+    texts.write_text("the quick brown fox jumps over the lazy dog\n{\"text\": \"a cat sat on the mat\"}\n")
+    full, low = str(tmp_path / "full"), str(tmp_path / "low")
+    assert main(["delta", "extract", "--base", base, "--tuned", tuned, "--out", full, "--energy", "1.0"]) == 0
+    assert main(["delta", "extract", "--base", base, "--tuned", tuned, "--out", low, "--rank", "1",
+                 "--svd", "randomized"]) == 0
+    assert main(["delta", "verify", "--base", base, "--tuned", tuned, "--adapter", full, "--texts", str(texts),
+                 "--report", str(tmp_path / "full.json")]) == 0
+    assert main(["delta", "verify", "--base", base, "--tuned", tuned, "--adapter", low, "--texts", str(texts),
+                 "--report", str(tmp_path / "low.json")]) == 0
+    rf, rl = (json.load(open(tmp_path / f)) for f in ("full.json", "low.json"))
+    assert rf["functional"]["tokens"] == rl["functional"]["tokens"] > 0
+    kl_full, kl_low = rf["functional"]["kl_tuned_vs_adapted"], rl["functional"]["kl_tuned_vs_adapted"]
+    assert kl_full < 1e-6 and kl_low > 100 * max(kl_full, 1e-9)
+    assert rf["functional"]["perplexity_tuned"] == pytest.approx(rf["functional"]["perplexity_adapted"], rel=1e-5)
+    assert all(m["rel_error"] < 1e-4 and m["energy_kept"] == pytest.approx(1, abs=1e-4) for m in rf["modules"].values())
+    assert all(m["rank"] == 1 and 0 < m["rel_error"] < 1 for m in rl["modules"].values())
+    assert "KL(tuned || base+adapter)" in capsys.readouterr().out
+    assert main(["delta", "extract", "--base", base, "--tuned", base, "--out", str(tmp_path / "x"), "--rank", "2"]) == 2
+    assert "do not differ" in capsys.readouterr().err
