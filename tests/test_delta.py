@@ -109,6 +109,9 @@ def test_conv1d_is_decomposed_not_saved_full(pair, tmp_path):
     assert a.shape == (4, 32) and b.shape == (96, 4)
     assert "base_model.model.transformer.h.0.attn.c_attn.weight" not in sd
     assert sd["base_model.model.transformer.h.0.attn.c_attn.lora_B.bias"].shape == (96,)
+    assert a.dtype == torch.float32  # the input's dtype by default
+    extract(base, tuned, str(tmp_path / "bf"), policy=RankPolicy(rank=4), dtype="bfloat16")
+    assert {t.dtype for t in load_file(str(tmp_path / "bf" / "adapter_model.safetensors")).values()} == {torch.bfloat16}
 
 
 def test_energy_picks_the_smallest_rank_reaching_the_threshold():

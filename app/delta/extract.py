@@ -156,8 +156,8 @@ def extract(base: str, tuned: str, out: str, *, policy: RankPolicy, embeddings: 
     resize_to = None
     out_dtype = getattr(torch, dtype) if dtype else None
 
-    def put(key, value, like):
-        tensors[key] = value.to(out_dtype or like.dtype).contiguous().cpu()
+    def put(key, value, like):  # like: the tuned tensor or its dtype (the output dtype unless --dtype)
+        tensors[key] = value.to(out_dtype or getattr(like, "dtype", like)).contiguous().cpu()
 
     for key, mod, pname in iter_param_keys(t_ck, params):
         kind = kinds[mod]
@@ -191,11 +191,11 @@ def extract(base: str, tuned: str, out: str, *, policy: RankPolicy, embeddings: 
                 continue
             b, a, k, energy, err = f
             lora_mods.setdefault(mod, {"kind": kind})
-            lora_mods[mod].update(rank=k, like=tt, energy=energy, rel_error=err)
+            lora_mods[mod].update(rank=k, like=tt.dtype, energy=energy, rel_error=err)  # dtype only: hold no tensor
             put(f"base_model.model.{mod}.lora_A.weight", a, tt)
             put(f"base_model.model.{mod}.lora_B.weight", b, tt)
         elif kind in ("linear", "conv1d") and pname == "bias":
-            lora_mods.setdefault(mod, {"kind": kind})["bias"] = (delta, tt)
+            lora_mods.setdefault(mod, {"kind": kind})["bias"] = (delta.cpu(), tt.dtype)
         elif kind == "embedding" and embeddings == "skip":
             res.skipped[key] = "--embeddings skip"
         elif kind == "embedding" and embeddings == "lora":
