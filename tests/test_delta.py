@@ -81,6 +81,10 @@ def test_full_rank_round_trip_reproduces_every_module_kind(pair, tmp_path):
     else:  # tied embeddings (and lora_bias) exclude embedding LoRA: the embedding travels in full, said so
         assert any("tied embedding" in why or "lora_bias" in why for why in res.skipped.values())
     cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    from peft import LoraConfig
+
+    lc = LoraConfig.from_pretrained(str(tmp_path / "ad"))  # PEFT reads the config written without peft
+    assert lc.r == cfg["r"] and set(lc.target_modules) == set(cfg["target_modules"]) and lc.rank_pattern == cfg["rank_pattern"]
     assert cfg["lora_bias"] == (arch in ("gpt2", "qwen2"))  # GPT-2 Conv1D and Qwen2 q/k/v have biases
     merged_dir = apply(str(tmp_path / "ad"), base, str(tmp_path / "merged"), merge=True)
     merged, want = state(merged_dir).state_dict(), state(tuned).state_dict()

@@ -17,8 +17,9 @@ delta's squared Frobenius norm) or ``sv_epsilon`` (singular values above it); re
 ``rank_pattern``/``alpha_pattern``. SVD: ``exact`` (torch.linalg.svd) or ``randomized``
 (torch.svd_lowrank with oversampling and power iterations), in fp32, on CUDA when present. Parameters
 that did not change are left out. Tied input/output embeddings that changed travel in full (both
-modules, one tuned weight): PEFT cannot merge a LoRA on tied weights exactly once. A different vocabulary size is an error unless ``resize``: then the tuned
-embedding (and an untied output layer) travel in full and ``distillery_delta.json`` records the size
+modules, one tuned weight): PEFT cannot merge a LoRA on tied weights exactly once. Randomized SVD falls
+back to the exact one where k + oversample reaches a quarter of the smaller side (no cheaper there).
+A different vocabulary size is an error unless ``resize``: then the tuned embedding (and an untied output layer) travel in full and ``distillery_delta.json`` records the size
 the target model is resized to before the adapter is applied.
 """
 
@@ -79,8 +80,8 @@ def svd_topk(m, k: int, policy: RankPolicy):
     """(U_k, S_k, V_k) of m, exact or randomized."""
     import torch
 
-    if policy.svd == "randomized" and k < min(m.shape):
-        q = min(k + policy.oversample, min(m.shape))
+    q = k + policy.oversample
+    if policy.svd == "randomized" and 4 * q < min(m.shape):  # else the exact SVD is as cheap, and exact
         u, s, v = torch.svd_lowrank(m, q=q, niter=policy.power_iters)
         return u[:, :k], s[:k], v[:, :k]
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
@@ -136,7 +137,6 @@ def extract(base: str, tuned: str, out: str, *, policy: RankPolicy, embeddings: 
             include: Optional[str] = None, exclude: Optional[str] = None, dtype: Optional[str] = None,
             resize: bool = False, device: Optional[str] = None) -> ExtractResult:
     import torch
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
     if embeddings not in ("lora", "full", "skip"):
@@ -263,13 +263,16 @@ def extract(base: str, tuned: str, out: str, *, policy: RankPolicy, embeddings: 
     ranks = {m: lora_mods[m]["rank"] for m in targets}
     r = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
     pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
-    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=targets or None, rank_pattern=pattern, alpha_pattern=dict(pattern),
-                     modules_to_save=sorted(save_mods) or None, lora_bias=any_bias, lora_dropout=0.0,
-                     fan_in_fan_out=any(v["kind"] == "conv1d" for v in lora_mods.values()),
-                     base_model_name_or_path=base,
-                     init_lora_weights=False)
+    # adapter_config.json in PEFT's LoraConfig format, written directly: importing peft costs ~3 s, most of
+    # a whole extraction of a small model (tests load every adapter with PeftModel.from_pretrained)
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "inference_mode": True,
+           "r": r, "lora_alpha": r, "target_modules": targets or None, "rank_pattern": pattern,
+           "alpha_pattern": dict(pattern), "modules_to_save": sorted(save_mods) or None, "lora_bias": any_bias,
+           "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": any(v["kind"] == "conv1d" for v in lora_mods.values()),
+           "init_lora_weights": False, "use_rslora": False, "use_dora": False}
     os.makedirs(out, exist_ok=True)
-    cfg.save_pretrained(out)
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
     res.modules = {m: {k: v for k, v in lora_mods[m].items() if k in ("kind", "rank", "energy", "rel_error")} for m in targets}
     res.modules.update({m: {"kind": "modules_to_save"} for m in sorted(save_mods)})

