@@ -228,3 +228,28 @@ def test_verify_and_cli_report_errors_and_kl(pair, tmp_path, capsys):
     assert "KL(tuned || base+adapter)" in capsys.readouterr().out
     assert main(["delta", "extract", "--base", base, "--tuned", base, "--out", str(tmp_path / "x"), "--rank", "2"]) == 2
     assert "do not differ" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gguf_reference_is_read_whole_and_extracts(tmp_path):
+    """The real SmolLM2 GGUF as the base (dequantized, not streamed) against a local copy with one matrix tuned."""
+    from transformers import AutoModelForCausalLM
+
+    from app.models import load_causal_lm
+
+    lm = load_causal_lm("smollm2")
+    cfg = lm.model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg)
+    plain.load_state_dict(lm.model.state_dict())
+    target = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        w = plain.get_submodule(target).weight
+        g = torch.Generator().manual_seed(0)
+        w.add_(0.01 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g))
+    tuned = save(plain, lm.tokenizer, tmp_path / "tuned")
+    res = extract("smollm2", tuned, str(tmp_path / "ad"), policy=RankPolicy(rank=2))
+    assert res.modules == {target: {"kind": "linear", "rank": 2, "energy": pytest.approx(1, abs=1e-5),
+                                    "rel_error": pytest.approx(0, abs=1e-3)}}
+    assert json.load(open(tmp_path / "ad" / "distillery_delta.json"))["streamed"] is False
