@@ -98,7 +98,8 @@ def cmd_delta(args: argparse.Namespace) -> int:
             policy = RankPolicy(rank=args.rank, energy=args.energy, sv_epsilon=args.sv_epsilon, svd=args.svd,
                                 oversample=args.oversample, power_iters=args.power_iters, max_rank=args.max_rank)
             res = extract(args.base, args.tuned, args.out, policy=policy, embeddings=args.embeddings,
-                          include=args.include, exclude=args.exclude, dtype=args.dtype, resize=args.resize)
+                          include=args.include, exclude=args.exclude, dtype=args.dtype, resize=args.resize,
+                          workers=args.workers)
             ranks = [v["rank"] for v in res.modules.values() if "rank" in v]
             print(f"adapter: {args.out}  ({len(ranks)} LoRA modules, ranks {min(ranks) if ranks else '-'}.."
                   f"{max(ranks) if ranks else '-'}, {sum(v['kind'] == 'modules_to_save' for v in res.modules.values())} "
@@ -135,10 +136,14 @@ def _delta_args(sub) -> None:
     rank.add_argument("--rank", type=int, help="the same rank for every module")
     rank.add_argument("--energy", type=float, help="per module: smallest rank keeping this fraction of ||delta||_F^2")
     rank.add_argument("--sv-epsilon", type=float, help="per module: singular values above this")
-    e.add_argument("--svd", choices=["exact", "randomized"], default="exact")
+    e.add_argument("--svd", choices=["exact", "gram", "randomized"], default="exact",
+                   help="exact: LAPACK SVD; gram: eigh of the Gram matrix (optimal truncation, faster on CPU); "
+                        "randomized: approximate, fastest at low rank")
     e.add_argument("--oversample", type=int, default=10)
     e.add_argument("--power-iters", type=int, default=2)
     e.add_argument("--max-rank", type=int, default=None, help="randomized + --energy/--sv-epsilon: triplets computed")
+    e.add_argument("--workers", type=int, default=None,
+                   help="factorizations in parallel on CPU (default: min(4, torch threads); torch threads shared out)")
     e.add_argument("--embeddings", choices=["lora", "full", "skip"], default="lora")
     e.add_argument("--include", help="regex: only modules whose name matches")
     e.add_argument("--exclude", help="regex: leave out modules whose name matches")

@@ -12,6 +12,7 @@ Every failure is a ``ModelLoadError`` that names the reference and lists what wa
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -89,3 +90,19 @@ def load_causal_lm(reference: str, *, device: str = "cpu", dtype: Any = None) ->
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, reference=reference, source=os.path.join(name, kwargs.get("gguf_file", "")))
+
+
+def plain_copy(model: Any) -> Any:
+    """The same weights in a plain model of the same class, one that ``save_pretrained`` accepts.
+
+    A GGUF-loaded model keeps the file's ``quantization_config`` (its weights are already dequantized) and
+    refuses to be saved; this rebuilds it from the config without it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain

@@ -44,21 +44,14 @@ def measured(cmd: list[str]) -> tuple[float, float]:
 def build_pair(work: str, steps: int, seq: int, batch: int, lr: float) -> tuple[str, str]:
     import torch
 
-    from app.models import load_causal_lm
+    from app.models import load_causal_lm, plain_copy
     from app.refine.sample import collect_texts
 
     base, tuned = os.path.join(work, "base"), os.path.join(work, "tuned")
     if os.path.isfile(os.path.join(tuned, "config.json")):
         return base, tuned
-    from transformers import AutoModelForCausalLM
-
     lm = load_causal_lm("smollm2")
-    cfg = lm.model.config  # a GGUF-loaded model refuses save_pretrained: rebuild it as a plain fp32 model
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    plain = AutoModelForCausalLM.from_config(cfg)
-    plain.load_state_dict(lm.model.state_dict())
-    lm.model = plain
+    lm.model = plain_copy(lm.model)  # a GGUF-loaded model refuses save_pretrained
     lm.model.save_pretrained(base)
     lm.tokenizer.save_pretrained(base)
     texts = [t for _, t in collect_texts()]
@@ -98,19 +91,10 @@ def mergekit_venv(work: str) -> str:
 
 def total_error(base: str, tuned: str, adapter: str) -> tuple[float, int]:
     """Relative Frobenius error over every LoRA-decomposed matrix, and how many there were."""
-    from app.delta.verify import module_errors
+    from app.delta.verify import module_errors, overall_error
 
     mods = module_errors(base, tuned, adapter)
-    # module_errors gives per-module relative errors; weight them back by each delta's squared norm
-    from app.delta.checkpoint import Checkpoint
-
-    b, t = Checkpoint(base), Checkpoint(tuned)
-    num = den = 0.0
-    for m, v in mods.items():
-        d2 = float(((t.get(f"{m}.weight").double() - b.get(f"{m}.weight").double()) ** 2).sum())
-        num += (v["rel_error"] or 0.0) ** 2 * d2
-        den += d2
-    return math.sqrt(num / den) if den else float("nan"), len(mods)
+    return overall_error(mods), len(mods)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.delta.apply import apply, load_adapted
-from app.delta.checkpoint import DeltaError
+from app.delta.checkpoint import LAYOUTS, Checkpoint, DeltaError, layout_kinds, meta_kinds, module_kinds
 from app.delta.extract import RankPolicy, extract, factorize, pick_rank
 from tests.tiny_models import tiny_tokenizer
 
@@ -146,6 +146,64 @@ def test_randomized_svd_error_within_one_percent_of_exact():
             assert rand <= exact * 1.01, (shape, k, exact, rand)
 
 
+def test_gram_svd_gives_the_exact_truncation():
+    """--svd gram (eigh of the Gram matrix) against LAPACK's SVD: the same optimal error at every rank, the same
+    energy-picked ranks, and full rank reproduces the matrix; tall and wide, with a zero singular value."""
+    torch.manual_seed(2)
+    for shape in ((256, 96), (64, 320)):
+        r = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], r))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], r))
+        s = torch.exp(-torch.arange(r, dtype=torch.float32) / 10)
+        s[-1] = 0  # rank-deficient: a zero singular value must not become inf/nan in the factors
+        m = u @ torch.diag(s) @ v.T
+        for k in (1, 8, 32, r):
+            exact = factorize(m, RankPolicy(rank=k))
+            gram = factorize(m, RankPolicy(rank=k, svd="gram"))
+            assert abs(gram[4] - exact[4]) <= 1e-5 + 1e-4 * exact[4], (shape, k, exact[4], gram[4])
+            assert gram[0].shape == exact[0].shape and gram[1].shape == exact[1].shape
+            assert torch.isfinite(gram[0]).all() and torch.isfinite(gram[1]).all()
+        assert float((factorize(m, RankPolicy(rank=r, svd="gram"))[0] @ factorize(m, RankPolicy(rank=r, svd="gram"))[1]
+                      - m).abs().max()) < 1e-5
+        for f in (0.5, 0.9, 0.99):
+            assert factorize(m, RankPolicy(energy=f, svd="gram"))[2] == factorize(m, RankPolicy(energy=f))[2]
+
+
+def test_gram_extraction_reproduces_the_delta_at_full_rank(pair, tmp_path):
+    from app.delta.verify import module_errors
+
+    _, base, tuned, _ = pair
+    extract(base, tuned, str(tmp_path / "ad"), policy=RankPolicy(energy=1.0, svd="gram"), embeddings="lora")
+    errors = module_errors(base, tuned, str(tmp_path / "ad"))
+    assert errors and max(v["rel_error"] for v in errors.values()) < 1e-4, errors
+
+
+@pytest.mark.parametrize("model_type", sorted(LAYOUTS))
+def test_module_layouts_match_the_model_classes(model_type, tmp_path):
+    """layout_kinds (read off the checkpoint, no transformers) == meta_kinds (the model's own classes) for every
+    family it claims, tied and untied, and with tie_word_embeddings left out of config.json (inferred)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, head_dim=8, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2)
+    for tie in (True, False):
+        path = tmp_path / f"tie{tie}"
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **small, tie_word_embeddings=tie)).save_pretrained(path)
+        ck = Checkpoint(str(path))
+        kinds, params, tied = meta_kinds(ck.hf_config)
+        saved = {k.rsplit(".", 1)[0] for k in ck.keys()} | {o for _, o in tied}
+        want = ({m: k for m, k in kinds.items() if m in saved}, {m: sorted(p) for m, p in params.items() if m in saved}, tied)
+        got = layout_kinds(ck)
+        assert (got[0], {m: sorted(p) for m, p in got[1].items()}, got[2]) == want
+        assert module_kinds(ck) == got
+        assert ({"conv1d"} if model_type == "gpt2" else {"linear"}) <= set(got[0].values())
+        cfg = json.load(open(path / "config.json"))
+        del cfg["tie_word_embeddings"]
+        json.dump(cfg, open(path / "config.json", "w"))
+        assert layout_kinds(Checkpoint(str(path)))[2] == tied
+
+
 def test_apply_onto_another_checkpoint_transfers_the_delta(tmp_path):
     """base_v2 + (tuned_v1 - base_v1): the point of the tool. LoRA'd modules get the delta added; modules in
     modules_to_save (norms here) carry tuned_v1's values, as PEFT defines them."""
@@ -196,6 +254,27 @@ def test_vocabulary_mismatch_is_an_error_unless_resize(tmp_path):
         assert torch.allclose(got[k], want[k], atol=3e-5), k
 
 
+def test_parallel_workers_give_the_same_adapter(pair, tmp_path):
+    """Factorizations on several threads (torch's threads shared out, then restored) == one after another."""
+    from safetensors.torch import load_file
+
+    _, base, tuned, _ = pair
+    threads = torch.get_num_threads()
+    for w in (1, 3):
+        extract(base, tuned, str(tmp_path / f"w{w}"), policy=RankPolicy(rank=3, svd="gram"), workers=w)
+        assert torch.get_num_threads() == threads
+    one, three = (load_file(str(tmp_path / f"w{w}" / "adapter_model.safetensors")) for w in (1, 3))
+    assert one.keys() == three.keys()
+    for k in one:  # a singular vector's sign may differ; the product B @ A may not
+        if k.endswith("lora_B.weight"):
+            a = k.replace("lora_B", "lora_A")
+            assert torch.allclose(one[k] @ one[a], three[k] @ three[a], atol=1e-5), k
+        elif not k.endswith("lora_A.weight"):
+            assert torch.equal(one[k], three[k]), k
+    meta = [json.load(open(tmp_path / f"w{w}" / "distillery_delta.json"))["modules"] for w in (1, 3)]
+    assert {m: v["rank"] for m, v in meta[0].items() if "rank" in v} == {m: v["rank"] for m, v in meta[1].items() if "rank" in v}
+
+
 def test_bad_arguments_fail_with_a_clear_error(pair, tmp_path):
     _, base, tuned, _ = pair
     with pytest.raises(DeltaError, match="exactly one"):
@@ -225,6 +304,10 @@ def test_verify_and_cli_report_errors_and_kl(pair, tmp_path, capsys):
     assert rf["functional"]["perplexity_tuned"] == pytest.approx(rf["functional"]["perplexity_adapted"], rel=1e-5)
     assert all(m["rel_error"] < 1e-4 and m["energy_kept"] == pytest.approx(1, abs=1e-4) for m in rf["modules"].values())
     assert all(m["rank"] == 1 and 0 < m["rel_error"] < 1 for m in rl["modules"].values())
+    assert rf["summary"]["rel_error"] < 1e-4  # the overall error: per-module errors weighted by ||delta||^2
+    errs, sq = [m["rel_error"] for m in rl["modules"].values()], [m["delta_sq"] for m in rl["modules"].values()]
+    assert rl["summary"]["rel_error"] == pytest.approx((sum(e * e * d for e, d in zip(errs, sq)) / sum(sq)) ** 0.5)
+    assert min(errs) <= rl["summary"]["rel_error"] <= max(errs)
     assert "KL(tuned || base+adapter)" in capsys.readouterr().out
     assert main(["delta", "extract", "--base", base, "--tuned", base, "--out", str(tmp_path / "x"), "--rank", "2"]) == 2
     assert "do not differ" in capsys.readouterr().err
@@ -233,16 +316,11 @@ def test_verify_and_cli_report_errors_and_kl(pair, tmp_path, capsys):
 @pytest.mark.slow
 def test_gguf_reference_is_read_whole_and_extracts(tmp_path):
     """The real SmolLM2 GGUF as the base (dequantized, not streamed) against a local copy with one matrix tuned."""
-    from transformers import AutoModelForCausalLM
-
-    from app.models import load_causal_lm
+    from app.models import load_causal_lm, plain_copy
 
     lm = load_causal_lm("smollm2")
-    cfg = lm.model.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    plain = AutoModelForCausalLM.from_config(cfg)
-    plain.load_state_dict(lm.model.state_dict())
+    plain = plain_copy(lm.model)
+    assert not hasattr(plain.config, "quantization_config") and hasattr(lm.model.config, "quantization_config")
     target = "model.layers.0.self_attn.q_proj"
     with torch.no_grad():
         w = plain.get_submodule(target).weight

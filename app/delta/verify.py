@@ -37,7 +37,7 @@ def module_errors(base: str, tuned: str, adapter: str) -> dict:
     with open(os.path.join(adapter, "adapter_config.json")) as f:
         cfg = json.load(f)
     b_ck, t_ck = Checkpoint(base), Checkpoint(tuned)
-    kinds, _, _ = module_kinds(t_ck.config)
+    kinds, _, _ = module_kinds(t_ck)
     out = {}
     with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as h:
         keys = set(h.keys())
@@ -59,7 +59,7 @@ def module_errors(base: str, tuned: str, adapter: str) -> dict:
             d2 = float((delta.double() ** 2).sum())
             err = float(torch.linalg.matrix_norm(delta - approx))
             out[mod] = {"rank": a.shape[0], "energy_kept": float((approx.double() ** 2).sum()) / d2 if d2 else None,
-                        "rel_error": err / math.sqrt(d2) if d2 else None}
+                        "rel_error": err / math.sqrt(d2) if d2 else None, "delta_sq": d2}
     return out
 
 
@@ -114,6 +114,13 @@ def functional(base: str, tuned: str, adapter: str, texts: list[str], max_tokens
             "perplexity_tuned": math.exp(nll_t / n_tok), "perplexity_adapted": math.exp(nll_a / n_tok)}
 
 
+def overall_error(mods: dict) -> Optional[float]:
+    """The relative Frobenius error over all decomposed matrices: sqrt(sum ||delta - BA||^2 / sum ||delta||^2)."""
+    den = sum(m["delta_sq"] for m in mods.values() if m["rel_error"] is not None)
+    num = sum(m["rel_error"] ** 2 * m["delta_sq"] for m in mods.values() if m["rel_error"] is not None)
+    return math.sqrt(num / den) if den else None
+
+
 def verify(base: str, tuned: str, adapter: str, *, texts: Optional[str] = None, n_texts: int = 32,
            max_tokens: int = 256) -> dict:
     mods = module_errors(base, tuned, adapter)
@@ -121,6 +128,7 @@ def verify(base: str, tuned: str, adapter: str, *, texts: Optional[str] = None, 
               "functional": functional(base, tuned, adapter, _texts(texts, n_texts), max_tokens)}
     errs = [m["rel_error"] for m in mods.values() if m["rel_error"] is not None]
     report["summary"] = {"modules": len(mods), "max_rel_error": max(errs) if errs else None,
+                         "rel_error": overall_error(mods),
                          "mean_energy_kept": (sum(m["energy_kept"] for m in mods.values() if m["energy_kept"] is not None)
                                               / len(errs)) if errs else None}
     return report
