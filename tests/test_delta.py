@@ -331,3 +331,15 @@ def test_gguf_reference_is_read_whole_and_extracts(tmp_path):
     assert res.modules == {target: {"kind": "linear", "rank": 2, "energy": pytest.approx(1, abs=1e-5),
                                     "rel_error": pytest.approx(0, abs=1e-3)}}
     assert json.load(open(tmp_path / "ad" / "distillery_delta.json"))["streamed"] is False
+
+
+def test_reported_error_is_the_computed_one():
+    """factorize's error (from the kept energy where that is accurate) == ||m - B A|| / ||m||, every method."""
+    torch.manual_seed(3)
+    m = torch.randn(96, 160) @ torch.diag(torch.exp(-torch.arange(160.0) / 30)) @ torch.randn(160, 160) / 10
+    for svd in ("exact", "gram", "randomized"):
+        for k in (2, 16, 60, 96):
+            b, a, _, energy, err = factorize(m, RankPolicy(rank=k, svd=svd))
+            want = float(torch.linalg.matrix_norm(m - b @ a) / torch.linalg.matrix_norm(m))
+            assert err == pytest.approx(want, rel=1e-3, abs=1e-6), (svd, k, err, want)
+            assert energy == pytest.approx(1 - want ** 2, abs=1e-4)

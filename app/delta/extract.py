@@ -125,7 +125,7 @@ def factorize(m, policy: RankPolicy):
     """B (out, k), A (k, in) with B @ A ~ m (fp32); plus k and the energy fraction kept."""
     import torch
 
-    total = float((m.double() ** 2).sum())
+    total = float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
     if total == 0:
         return None
     full = min(m.shape)
@@ -154,8 +154,11 @@ def factorize(m, policy: RankPolicy):
     root = s.sqrt()
     b = u * root
     a = (v * root).T
-    err = float(torch.linalg.matrix_norm(m - b @ a)) / math.sqrt(total)
-    return b.contiguous(), a.contiguous(), k, float((s.double() ** 2).sum()) / total, err
+    energy = float((s.double() ** 2).sum()) / total
+    # ||m - U_k S_k V_k^T||^2 = ||m||^2 - sum S_k^2 for all three methods (U_k, V_k orthonormal; randomized:
+    # U_k = Q U_B with Q orthonormal). The difference loses digits when the error is small: then compute it.
+    err = math.sqrt(1 - energy) if energy < 0.99 else float(torch.linalg.matrix_norm(m - b @ a)) / math.sqrt(total)
+    return b.contiguous(), a.contiguous(), k, energy, err
 
 
 @dataclass
