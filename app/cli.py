@@ -125,6 +125,41 @@ def cmd_delta(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from app.config import ConfigError, load_config
+    from app.distill.config import DistillConfig
+
+    try:
+        cfg = load_config(DistillConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from app.distill.train import distill
+    from app.models import ModelLoadError
+    from app.raystart import init_ray
+
+    init_ray(args.address, args.num_cpus)
+    try:
+        result = distill(cfg)
+    except (FileNotFoundError, ValueError, ModelLoadError) as e:
+        print(f"distill: {e}", file=sys.stderr)
+        return 2
+    ppl = (f"  held-out perplexity: student {result['eval_student_ppl']:.2f}, teacher {result['eval_teacher_ppl']:.2f}"
+           if result.get("eval_student_ppl") is not None else "")
+    print(f"student: {result['student']}  ({result.get('step')} steps, {result.get('tokens')} tokens){ppl}")
+    return 0
+
+
+def _distill_args(sub) -> None:
+    p = sub.add_parser("distill", help="distill a teacher Transformer into a Mamba-2 student (Ray Train)")
+    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/distill.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config value, e.g. --set train.num_workers=4; repeatable")
+    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    p.set_defaults(fn=cmd_distill)
+
+
 def _delta_args(sub) -> None:
     p = sub.add_parser("delta", help="weight deltas as LoRA adapters: extract | apply | verify")
     acts = p.add_subparsers(dest="action", required=True)
@@ -183,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
     p.set_defaults(fn=cmd_dashboard)
     _delta_args(sub)
+    _distill_args(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

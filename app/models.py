@@ -68,6 +68,21 @@ def resolve(reference: str) -> tuple[str, dict]:
     return reference, {}  # a hub id
 
 
+def load_tokenizer(reference: str) -> Any:
+    """The tokenizer of a model reference (no weights loaded); pad = eos when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    name, kwargs = resolve(reference)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the reference
+        raise ModelLoadError(f"model '{reference}': could not load its tokenizer ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]})") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_causal_lm(reference: str, *, device: str = "cpu", dtype: Any = None) -> LoadedModel:
     """Load a causal LM + tokenizer for scoring (eval mode, no grad). bf16 on CUDA, fp32 on CPU by default."""
     import torch

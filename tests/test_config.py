@@ -59,3 +59,32 @@ def test_bad_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(RefineConfig, tmp_path / "missing.yaml")
 
+
+
+def test_distill_yaml_mirrors_the_dataclasses():
+    from app.distill.config import DistillConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "distill.yaml").read_text())
+
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    assert keys(data) == keys(to_dict(DistillConfig()))
+    assert load_config(DistillConfig, ROOT / "configs" / "distill.yaml") == DistillConfig()
+    with pytest.raises(ConfigError, match="stages.temperature"):
+        load_config(DistillConfig, None, ["stages.temperature=0"])
+    with pytest.raises(ConfigError, match="train.strategy"):
+        load_config(DistillConfig, None, ["train.strategy=zero3"])
+
+
+def test_float_in_exponent_form_without_a_dot_is_a_number():
+    from app.distill.config import DistillConfig
+
+    assert load_config(DistillConfig, None, ["train.lr=3e-3"]).train.lr == 0.003
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(DistillConfig, None, ["train.lr=fast"])

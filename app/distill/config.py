@@ -1,0 +1,158 @@
+"""Typed config of ``jobs/distill.py`` (``configs/distill.yaml`` mirrors it; loaded with ``app.config.load_config``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from app.config import _check, _frac
+
+
+@dataclass
+class DataConfig:
+    input: str = "out/refine/kept"
+    """Refined Parquet (a refine run's ``kept/`` directory, a file, or a glob)."""
+    text_field: str = "text"
+    """Column holding the text."""
+    id_field: str = "id"
+    """Column holding the stable document id (the held-out split is a hash of it)."""
+    seq_len: int = 256
+    """Tokens per training sequence; documents are joined with EOS and packed, no padding."""
+    eval_fraction: float = 0.05
+    """Share of documents (by id hash) held out for evaluation."""
+    max_docs: Optional[int] = None
+    """Read at most this many documents (null: all)."""
+    cache_dir: Optional[str] = None
+    """Where the packed rows and teacher top-k caches are kept, keyed by what made them (null: OUTPUT/cache).
+    Share it between runs (Tune trials) to tokenize and run the teacher once."""
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 8, "data.seq_len", "must be >= 8")
+        _frac(self.eval_fraction, "data.eval_fraction")
+        _check(self.eval_fraction < 1, "data.eval_fraction", "must be < 1")
+
+
+@dataclass
+class StudentConfig:
+    init: Literal["attention", "random"] = "attention"
+    """attention: copy the teacher's embeddings, norms, head and (where the shapes allow) Q/K/V/O into the
+    student (app/distill/init.py); random: Mamba-2's own initialisation."""
+    num_heads: Optional[int] = None
+    """SSM heads (null: the teacher's attention heads)."""
+    head_dim: Optional[int] = None
+    """SSM head size (null: expand * hidden / num_heads)."""
+    state_size: Optional[int] = None
+    """SSM state size N (null: the teacher's head_dim)."""
+    n_groups: Optional[int] = None
+    """B/C groups (null: one per head)."""
+    expand: int = 1
+    """d_inner = expand * hidden."""
+    conv_kernel: int = 4
+    """Causal depthwise convolution width."""
+    chunk_size: int = 64
+    """Mamba-2 chunked-scan block length."""
+
+    def __post_init__(self) -> None:
+        _check(self.expand >= 1, "student.expand", "must be >= 1")
+        for k in ("num_heads", "head_dim", "state_size", "n_groups"):
+            _check(getattr(self, k) is None or getattr(self, k) >= 1, f"student.{k}", "must be >= 1 or null")
+
+
+@dataclass
+class StagesConfig:
+    """Token budgets (per run, all workers together) and loss weights of the three stages, run in order."""
+
+    align_tokens: int = 0
+    """Stage align: per-layer hidden-state alignment of each mixer to the teacher's attention output."""
+    kd_tokens: int = 200_000
+    """Stage kd: KL(teacher || student) on logits at temperature T (+ kd_ce_weight * CE)."""
+    ce_tokens: int = 0
+    """Stage ce: next-token cross-entropy only."""
+    align_weight: float = 1.0
+    """Weight of the alignment loss in stage align."""
+    kd_weight: float = 1.0
+    """Weight of the KD loss in stage kd."""
+    kd_ce_weight: float = 0.0
+    """alpha: weight of CE in stage kd."""
+    temperature: float = 2.0
+    """KD temperature T (the KD loss is multiplied by T^2)."""
+
+    def __post_init__(self) -> None:
+        for k in ("align_tokens", "kd_tokens", "ce_tokens"):
+            _check(getattr(self, k) >= 0, f"stages.{k}", "must be >= 0")
+        _check(self.align_tokens + self.kd_tokens + self.ce_tokens > 0, "stages", "all token budgets are 0")
+        _check(self.temperature > 0, "stages.temperature", "must be > 0")
+        for k in ("align_weight", "kd_weight", "kd_ce_weight"):
+            _check(getattr(self, k) >= 0, f"stages.{k}", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    """Ray Train workers (data-parallel replicas)."""
+    use_gpu: bool = False
+    """One GPU per worker; the teacher runs in bf16 there."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism: DDP, or FSDP (shards the student's parameters and optimizer state)."""
+    batch_size: int = 8
+    """Sequences per worker per step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: off)."""
+    kd_chunk_tokens: int = 1024
+    """Tokens per chunk of the KD/CE loss (bounds logits memory to chunk x vocab)."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (and the last step)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the run's storage."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0: at the end only)."""
+    eval_batches: int = 8
+    """Held-out batches per worker per evaluation."""
+    seed: int = 0
+    """Student initialisation and data order."""
+    debug_fail_at_step: Optional[int] = None
+    """Testing recovery: raise once at this step (a marker file makes it once per output directory)."""
+
+    def __post_init__(self) -> None:
+        for k in ("num_workers", "batch_size", "kd_chunk_tokens", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+            _check(getattr(self, k) >= 1, f"train.{k}", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        for k in ("warmup_steps", "max_failures", "eval_every"):
+            _check(getattr(self, k) >= 0, f"train.{k}", "must be >= 0")
+
+
+@dataclass
+class CacheConfig:
+    teacher_topk: Optional[int] = None
+    """Cache the teacher's top-k logits per training token in Parquet once (reused by later runs and Tune
+    trials with the same teacher, data and k); stage kd then reads them instead of running the teacher.
+    null: the teacher runs live in every step."""
+
+    def __post_init__(self) -> None:
+        _check(self.teacher_topk is None or self.teacher_topk >= 1, "cache.teacher_topk", "must be >= 1 or null")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "smollm2"
+    """Teacher causal LM: hub id, local HF directory, GGUF file or ``smollm2`` (app/models.py)."""
+    output: str = "out/distill"
+    """Run directory: packed data, checkpoints, TensorBoard logs, metrics.jsonl, the exported student."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The refined corpus and packing."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """The Mamba-2 student's shape and initialisation."""
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    """Stage budgets and loss weights."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Ray Train and the optimiser."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Cached teacher logits."""

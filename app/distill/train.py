@@ -1,0 +1,367 @@
+"""Distillation on Ray Train: a frozen teacher in each worker, the Mamba-2 student data-parallel (DDP or FSDP).
+
+``distill(cfg)`` (the driver): resolved config saved, data packed (``data.py``), optional teacher top-k cache
+(``cache.py``), then a ``TorchTrainer`` (Ray Train v2) runs ``train_loop`` on ``train.num_workers`` workers with
+``FailureConfig(max_failures)``: a failed worker group restarts from the last checkpoint. The student is
+exported from the final checkpoint with the teacher's tokenizer (``save_pretrained``).
+
+Per step, worker ``rank`` reads its batch (``data.batch_rows``), runs the teacher without gradients (bf16 on
+GPU) for what the stage needs, and the student's loss for the stage (``losses.py``). Stages follow each
+other by token budget: align -> kd -> ce. The learning rate is a pure function of the step (linear warmup,
+cosine to 10%), so a resumed run needs only the step, the weights and the optimizer state.
+
+Checkpoint (every ``train.checkpoint_every`` steps and at the end), written by rank 0:
+    student/          save_pretrained of the student (config.json + model.safetensors)
+    optimizer.pt      the AdamW state (loaded with torch.load(weights_only=True))
+    state.json        step, tokens seen, stage: the data position is the step (batches are a function of it)
+Logs: one line per step on rank 0 (each loss part, lr, tokens/s), ``metrics.jsonl`` and TensorBoard
+(``tensorboard --logdir OUTPUT/tensorboard``) in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+STAGES = ("align", "kd", "ce")
+
+
+@dataclass
+class Plan:
+    """Steps per stage from the token budgets; ``stage_at(step)``."""
+
+    tokens_per_step: int
+    steps: dict
+
+    @classmethod
+    def make(cls, stages_cfg, tokens_per_step: int) -> "Plan":
+        steps = {s: math.ceil(getattr(stages_cfg, f"{s}_tokens") / tokens_per_step) for s in STAGES}
+        return cls(tokens_per_step, steps)
+
+    @property
+    def total(self) -> int:
+        return sum(self.steps.values())
+
+    def stage_at(self, step: int) -> str:
+        end = 0
+        for s in STAGES:
+            end += self.steps[s]
+            if step < end:
+                return s
+        raise IndexError(step)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _module():
+    """The DDP-wrapped module: the student plus the losses, so every stage's forward runs through DDP."""
+    import torch
+    from torch import nn
+
+    from app.distill.losses import align_loss, kd_ce_loss
+
+    class DistillModule(nn.Module):
+        def __init__(self, student, chunk_tokens: int):
+            super().__init__()
+            self.student = student
+            self.chunk_tokens = chunk_tokens
+
+        def forward(self, input_ids, labels, mask, stage: str, w: dict, teacher: dict):
+            bb = self.student.backbone
+            if stage == "align":  # each mixer on the teacher's input to its layer, against the attention output
+                parts = [align_loss(layer.mixer(layer.norm(x.to(layer.norm.weight.dtype))), a, mask)
+                         for layer, x, a in zip(bb.layers, teacher["layer_inputs"], teacher["attn_outputs"])]
+                align = torch.stack(parts).mean()
+                return {"loss": w["align_weight"] * align, "align": align.detach()}
+            h = bb(input_ids=input_ids).last_hidden_state  # (B, T, d), after norm_f
+            head = self.student.lm_head.weight  # (V, d)
+            if stage == "kd":
+                kd, ce = kd_ce_loss(h, head, mask, labels, teacher_hidden=teacher.get("hidden"),
+                                    teacher_head=teacher.get("head"), teacher_topk=teacher.get("topk"),
+                                    temperature=w["temperature"], chunk_tokens=self.chunk_tokens)
+                return {"loss": w["kd_weight"] * kd + w["kd_ce_weight"] * ce, "kd": kd.detach(), "ce": ce.detach()}
+            _, ce = kd_ce_loss(h, head, mask, labels, chunk_tokens=self.chunk_tokens)
+            return {"loss": ce, "ce": ce.detach()}
+
+    return DistillModule
+
+
+class TeacherTaps:
+    """Forward hooks on a Llama-style teacher: each decoder layer's input and its attention's output."""
+
+    def __init__(self, teacher):
+        self.inputs, self.outputs, self.handles = {}, {}, []
+        for i, layer in enumerate(teacher.model.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(layer.self_attn.register_forward_hook(self._post(i)))
+
+    def _pre(self, i):
+        def hook(_mod, args, kwargs):
+            self.inputs[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _post(self, i):
+        def hook(_mod, _args, out):
+            self.outputs[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    def take(self) -> tuple[list, list]:
+        n = len(self.inputs)
+        return [self.inputs[i] for i in range(n)], [self.outputs[i] for i in range(n)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _save_checkpoint(path: str, student, optimizer, state: dict) -> None:
+    import torch
+
+    student.save_pretrained(os.path.join(path, "student"))
+    torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+    with open(os.path.join(path, "state.json"), "w") as f:
+        json.dump(state, f)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker function (``config``: the resolved DistillConfig as a dict, the packed data, the plan)."""
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from app.config import _build
+    from app.distill.config import DistillConfig
+    from app.distill.data import PackedRows, batch_rows
+    from app.distill.losses import TeacherTopK, kd_ce_loss
+    from app.distill.student import StudentShape, build_student
+    from app.models import load_causal_lm
+
+    cfg = _build(DistillConfig, config["cfg"])
+    plan = Plan(**config["plan"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    out = config["output"]
+    tc, sc = cfg.train, cfg.stages
+    torch.manual_seed(tc.seed)
+
+    teacher = load_causal_lm(cfg.teacher, device=str(device))
+    shape = StudentShape(**{k: getattr(cfg.student, k) for k in StudentShape.__dataclass_fields__})
+    student, _ = build_student(teacher.model, shape, init=cfg.student.init, seed=tc.seed)
+    start, tokens_seen = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    opt_state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            missing, unexpected = student.load_state_dict(load_file(os.path.join(d, "student", "model.safetensors")),
+                                                          strict=False)
+            if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head is not saved
+                raise RuntimeError(f"checkpoint does not fit the student: missing {missing}, unexpected {unexpected}")
+            opt_state = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
+            with open(os.path.join(d, "state.json")) as f:
+                st = json.load(f)
+            start, tokens_seen = st["step"], st["tokens"]
+        if rank == 0:
+            _log_event(out, {"event": "resumed", "step": start})
+            log.info("resumed from the checkpoint at step %d", start)
+    if getattr(student.config, "tie_word_embeddings", False):
+        student.tie_weights()
+    model = ray.train.torch.prepare_model(_module()(student, tc.kd_chunk_tokens), parallel_strategy=tc.strategy,
+                                          parallel_strategy_kwargs={"find_unused_parameters": True}
+                                          if tc.strategy == "ddp" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    train_rows = PackedRows(config["data"]["train"])
+    eval_rows = PackedRows(config["data"]["eval"]) if config["data"]["eval"] else None
+    topk_rows = config.get("topk")
+    topk_reader = None
+    if topk_rows:
+        from app.distill.cache import TopKRows
+
+        topk_reader = TopKRows(topk_rows["files"], topk_rows["k"])
+    weights = {"align_weight": sc.align_weight, "kd_weight": sc.kd_weight, "kd_ce_weight": sc.kd_ce_weight,
+               "temperature": sc.temperature}
+    taps = TeacherTaps(teacher.model) if plan.steps["align"] > start else None
+    writer = None
+    if rank == 0:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(out, "tensorboard"))
+    teacher_eval: Optional[float] = None
+
+    def evaluate() -> dict:
+        nonlocal teacher_eval
+        if eval_rows is None or eval_rows.rows == 0:
+            return {}
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)  # student nll, teacher nll, tokens
+        with torch.no_grad():
+            n = min(tc.eval_batches * tc.batch_size, eval_rows.rows)
+            mine = np.arange(rank, n, world)
+            for i in range(0, len(mine), tc.batch_size):
+                ids = torch.from_numpy(eval_rows.take(mine[i:i + tc.batch_size])).to(device)
+                x, y = ids[:, :-1], ids[:, 1:]
+                mask = torch.ones_like(x, dtype=torch.bool)
+                h = _unwrap(model).student.backbone(input_ids=x).last_hidden_state
+                _, ce_s = kd_ce_loss(h, _unwrap(model).student.lm_head.weight, mask, y, chunk_tokens=tc.kd_chunk_tokens)
+                sums[0] += float(ce_s) * y.numel()
+                if teacher_eval is None:
+                    ht = teacher.model.model(input_ids=x).last_hidden_state
+                    _, ce_t = kd_ce_loss(ht, teacher.model.lm_head.weight, mask, y, chunk_tokens=tc.kd_chunk_tokens)
+                    sums[1] += float(ce_t) * y.numel()
+                sums[2] += y.numel()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        model.train()
+        if teacher_eval is None and sums[2] > 0:
+            teacher_eval = math.exp(float(sums[1] / sums[2]))
+        return {"eval_student_ppl": math.exp(float(sums[0] / sums[2])) if sums[2] > 0 else float("nan"),
+                "eval_teacher_ppl": teacher_eval, "eval_tokens": int(sums[2])}
+
+    model.train()
+    t_last = time.perf_counter()
+    metrics: dict = {}
+    for step in range(start, plan.total):
+        stage = plan.stage_at(step)
+        if taps is not None and stage != "align":
+            taps.remove()
+            taps = None
+        lr = lr_at(step, plan.total, tc.lr, tc.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rows = batch_rows(step, rank, world, tc.batch_size, train_rows.rows, tc.seed)
+        ids = torch.from_numpy(train_rows.take(rows)).to(device)
+        x, y = ids[:, :-1], ids[:, 1:]
+        mask = torch.ones_like(x, dtype=torch.bool)
+        teach: dict = {}
+        with torch.no_grad():
+            if stage == "align":
+                teacher.model.model(input_ids=x)
+                inputs, outputs = taps.take()
+                teach = {"layer_inputs": [t.float() for t in inputs], "attn_outputs": [t.float() for t in outputs]}
+            elif stage == "kd" and topk_reader is not None:
+                tid, tlog = topk_reader.take(rows)
+                teach = {"topk": TeacherTopK(torch.from_numpy(tid).to(device), torch.from_numpy(tlog).to(device))}
+            elif stage == "kd":
+                teach = {"hidden": teacher.model.model(input_ids=x).last_hidden_state, "head": teacher.model.lm_head.weight}
+        if tc.debug_fail_at_step is not None and step == tc.debug_fail_at_step and rank == 0:
+            marker = os.path.join(out, ".debug_failed")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                raise RuntimeError(f"debug_fail_at_step: failing once at step {step}")
+        parts = model(x, y, mask, stage, weights, teach)
+        parts["loss"].backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_seen += plan.tokens_per_step
+        vals = torch.tensor([float(parts["loss"])] + [float(parts.get(k, float("nan"))) for k in ("align", "kd", "ce")],
+                            dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(vals)
+            vals /= world
+        now = time.perf_counter()
+        metrics = {"step": step + 1, "stage": stage, "loss": float(vals[0]), "lr": lr, "tokens": tokens_seen,
+                   "tokens_per_s": plan.tokens_per_step / max(now - t_last, 1e-9)}
+        metrics.update({k: float(v) for k, v in zip(("align", "kd", "ce"), vals[1:]) if not math.isnan(float(v))})
+        t_last = now
+        last = step + 1 == plan.total
+        if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
+            metrics.update(evaluate())
+        if rank == 0:
+            parts_txt = " ".join(f"{k} {metrics[k]:.4f}" for k in ("align", "kd", "ce") if k in metrics)
+            print(f"step {step + 1}/{plan.total} [{stage}] loss {metrics['loss']:.4f} {parts_txt} lr {lr:.2e} "
+                  f"tok/s {metrics['tokens_per_s']:.0f}" + (f" eval ppl student {metrics['eval_student_ppl']:.2f} "
+                                                           f"teacher {metrics['eval_teacher_ppl']:.2f}"
+                                                           if "eval_student_ppl" in metrics else ""), flush=True)
+            _log_event(out, metrics)
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    writer.add_scalar(f"train/{k}", v, step + 1)
+        if (step + 1) % tc.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                ck = None
+                if rank == 0:
+                    _save_checkpoint(tmp, _unwrap(model).student, opt, {"step": step + 1, "tokens": tokens_seen,
+                                                                         "stage": stage})
+                    ck = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ck)
+    if writer is not None:
+        writer.close()
+
+
+def _log_event(out: str, record: dict) -> None:
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def distill(cfg) -> dict:
+    """Run a distillation (see the module doc); returns the final metrics and where the student went."""
+    import yaml
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from app.config import to_dict
+    from app.distill.data import prepare_data
+    from app.models import load_tokenizer
+
+    out = os.path.abspath(cfg.output)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    cache_dir = os.path.abspath(cfg.data.cache_dir or os.path.join(out, "cache"))
+    packed = prepare_data(cfg.data, cfg.teacher, cache_dir)
+    tc = cfg.train
+    plan = Plan.make(cfg.stages, tc.num_workers * tc.batch_size * cfg.data.seq_len)
+    topk = None
+    if cfg.cache.teacher_topk:
+        from app.distill.cache import teacher_topk_cache
+
+        topk = teacher_topk_cache(cfg, packed, out)
+    log.info("plan: %s steps (%d tokens per step, %d workers)", plan.steps, plan.tokens_per_step, tc.num_workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": to_dict(cfg), "plan": plan.__dict__, "data": packed.to_dict(), "output": out,
+                           "topk": topk},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
+        run_config=RunConfig(name="train", storage_path=os.path.join(out, "ray"),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    student_dir = os.path.join(out, "student")
+    with result.checkpoint.as_directory() as d:
+        if os.path.isdir(student_dir):
+            shutil.rmtree(student_dir)
+        shutil.copytree(os.path.join(d, "student"), student_dir)
+    load_tokenizer(cfg.teacher).save_pretrained(student_dir)
+    final = dict(result.metrics or {})
+    final["student"] = student_dir
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(final, f, indent=1, default=str)
+    return final
