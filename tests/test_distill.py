@@ -224,3 +224,50 @@ def test_resume_after_a_worker_failure_gives_the_same_next_step_loss(uninterrupt
     assert [r["step"] for r in after] == list(range(5, 11))
     for r in after:
         assert r["loss"] == pytest.approx(ref[r["step"]]["loss"], rel=1e-4, abs=1e-6), r["step"]
+
+
+def test_teacher_topk_cache_matches_the_teacher_and_trains(ray_local, teacher, corpus, tmp_path):
+    """The cached top-k logits are the teacher's own top k for those rows; a run reads them in stage kd."""
+    import numpy as np
+
+    from app.distill.cache import TopKRows, teacher_topk_cache
+    from app.distill.data import PackedRows, prepare_data
+    from app.distill.train import distill
+
+    cfg = _cfg(teacher.reference, corpus, str(tmp_path / "run"))
+    packed = prepare_data(cfg.data, cfg.teacher, corpus[1])
+    cfg.cache.teacher_topk = 4
+    top = teacher_topk_cache(cfg, packed, str(tmp_path))
+    reader, rows = TopKRows(top["files"], 4), PackedRows(packed.train)
+    assert len(reader.where) == packed.train_rows
+    pick = np.array([0, packed.train_rows // 2, packed.train_rows - 1])
+    ids, logits = reader.take(pick)
+    with torch.no_grad():
+        x = torch.from_numpy(rows.take(pick))[:, :-1]
+        z = teacher.model(input_ids=x).logits
+    want_v, _ = z.topk(4, dim=-1)
+    assert ids.shape == (3, 32, 4)
+    assert torch.allclose(torch.from_numpy(logits), want_v, atol=1e-4)
+    assert torch.allclose(z.gather(-1, torch.from_numpy(ids)), want_v, atol=1e-4)  # ids point at those logits
+    cfg2 = _cfg(teacher.reference, corpus, str(tmp_path / "run"), batch_size=4)
+    cfg2.cache.teacher_topk = 4
+    cfg2.stages.align_tokens, cfg2.stages.kd_tokens, cfg2.stages.ce_tokens = 0, 1024, 0
+    res = distill(cfg2)
+    kd = [r["kd"] for r in _metrics(str(tmp_path / "run")) if "kd" in r]
+    assert len(kd) == 4 and kd[-1] < kd[0] and res["eval_student_ppl"] > 0
+
+
+def test_gpu_distill_script_runs_in_smoke_mode(teacher, tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_distill.py"), "--smoke",
+                           "--teacher", teacher.reference, "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.load(open(tmp_path / "gpu_distill.json"))
+    assert set(rep["throughput"]) == {"as_imported", "torch_path"}
+    assert all(v["tokens_per_s"] > 0 for v in rep["throughput"].values())
+    assert set(rep["throughput"]["torch_path"]["implementations"].values()) == {"torch"}
+    assert len(rep["distill_losses"]) == 3
