@@ -271,3 +271,29 @@ def test_gpu_distill_script_runs_in_smoke_mode(teacher, tmp_path):
     assert all(v["tokens_per_s"] > 0 for v in rep["throughput"].values())
     assert set(rep["throughput"]["torch_path"]["implementations"].values()) == {"torch"}
     assert len(rep["distill_losses"]) == 3
+
+
+def test_local_paths_travel_as_absolute_ones(tmp_path, monkeypatch):
+    from app.config import load_config
+    from app.distill.config import DistillConfig
+    from app.distill.train import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("teacher")
+    cfg = load_config(DistillConfig, None, ["teacher=teacher", "output=run", "data.input=kept/*.parquet",
+                                            "data.cache_dir=cache"])
+    a = absolute_paths(cfg)
+    assert a.teacher == str(tmp_path / "teacher") and a.output == str(tmp_path / "run")
+    assert a.data.input == str(tmp_path / "kept" / "*.parquet") and a.data.cache_dir == str(tmp_path / "cache")
+    assert cfg.output == "run"  # the caller's config is left alone
+    hub = load_config(DistillConfig, None, ["teacher=HuggingFaceTB/SmolLM2-135M"])
+    assert absolute_paths(hub).teacher == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_fsdp_needs_gpus_and_says_so():
+    from app.config import ConfigError, load_config
+    from app.distill.config import DistillConfig
+
+    with pytest.raises(ConfigError, match="fsdp needs train.use_gpu"):
+        load_config(DistillConfig, None, ["train.strategy=fsdp"])
+    assert load_config(DistillConfig, None, ["train.strategy=fsdp", "train.use_gpu=true"]).train.strategy == "fsdp"

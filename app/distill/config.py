@@ -93,7 +93,8 @@ class TrainConfig:
     use_gpu: bool = False
     """One GPU per worker; the teacher runs in bf16 there."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Data parallelism: DDP, or FSDP (shards the student's parameters and optimizer state)."""
+    """Data parallelism: DDP, or FSDP on GPUs (shards the student's parameters and optimizer state; stage
+    align needs DDP, since it calls each layer on its own)."""
     batch_size: int = 8
     """Sequences per worker per step."""
     lr: float = 1e-3
@@ -127,6 +128,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         for k in ("warmup_steps", "max_failures", "eval_every"):
             _check(getattr(self, k) >= 0, f"train.{k}", "must be >= 0")
+        _check(self.strategy == "ddp" or self.use_gpu, "train.strategy",
+               "fsdp needs train.use_gpu: true (Ray Train's FSDP runs on GPUs only)")
 
 
 @dataclass

@@ -20,6 +20,7 @@ Logs: one line per step on rank 0 (each loss part, lr, tokens/s), ``metrics.json
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -132,11 +133,26 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _save_checkpoint(path: str, student, optimizer, state: dict) -> None:
+def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(student state dict, optimizer state dict), whole; under FSDP gathered onto rank 0 (every rank calls)."""
+    if not fsdp:
+        student = _unwrap(model).student
+        return student.state_dict(), optimizer.state_dict()
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+                              FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        sd = model.state_dict()
+        osd = FSDP.optim_state_dict(model, optimizer)
+    return {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}, osd
+
+
+def _save_checkpoint(path: str, student, weights: dict, optim_state: dict, state: dict) -> None:
     import torch
 
-    student.save_pretrained(os.path.join(path, "student"))
-    torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+    student.save_pretrained(os.path.join(path, "student"), state_dict=weights)
+    torch.save(optim_state, os.path.join(path, "optimizer.pt"))
     with open(os.path.join(path, "state.json"), "w") as f:
         json.dump(state, f)
 
@@ -188,10 +204,15 @@ def train_loop(config: dict) -> None:
     if getattr(student.config, "tie_word_embeddings", False):
         student.tie_weights()
     model = ray.train.torch.prepare_model(_module()(student, tc.kd_chunk_tokens), parallel_strategy=tc.strategy,
-                                          parallel_strategy_kwargs={"find_unused_parameters": True}
+                                          # stage align leaves embeddings, norm_f and the head unused
+                                          parallel_strategy_kwargs={"find_unused_parameters": plan.steps["align"] > 0}
                                           if tc.strategy == "ddp" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
     if opt_state is not None:
+        if tc.strategy == "fsdp":
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            opt_state = FSDP.optim_state_dict_to_load(model, opt, opt_state)
         opt.load_state_dict(opt_state)
     train_rows = PackedRows(config["data"]["train"])
     eval_rows = PackedRows(config["data"]["eval"]) if config["data"]["eval"] else None
@@ -224,8 +245,7 @@ def train_loop(config: dict) -> None:
                 ids = torch.from_numpy(eval_rows.take(mine[i:i + tc.batch_size])).to(device)
                 x, y = ids[:, :-1], ids[:, 1:]
                 mask = torch.ones_like(x, dtype=torch.bool)
-                h = _unwrap(model).student.backbone(input_ids=x).last_hidden_state
-                _, ce_s = kd_ce_loss(h, _unwrap(model).student.lm_head.weight, mask, y, chunk_tokens=tc.kd_chunk_tokens)
+                ce_s = model(x, y, mask, "ce", weights, {})["ce"]  # through the wrapper: FSDP holds shards
                 sums[0] += float(ce_s) * y.numel()
                 if teacher_eval is None:
                     ht = teacher.model.model(input_ids=x).last_hidden_state
@@ -273,8 +293,9 @@ def train_loop(config: dict) -> None:
                 raise RuntimeError(f"debug_fail_at_step: failing once at step {step}")
         parts = model(x, y, mask, stage, weights, teach)
         parts["loss"].backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if tc.grad_clip > 0:  # FSDP's own clip: the norm over every shard
+            (model.clip_grad_norm_(tc.grad_clip) if tc.strategy == "fsdp"
+             else torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += plan.tokens_per_step
@@ -302,11 +323,12 @@ def train_loop(config: dict) -> None:
                 if isinstance(v, (int, float)) and v is not None:
                     writer.add_scalar(f"train/{k}", v, step + 1)
         if (step + 1) % tc.checkpoint_every == 0 or last:
+            weights, optim_state = _full_state(model, opt, tc.strategy == "fsdp")
             with tempfile.TemporaryDirectory() as tmp:
                 ck = None
                 if rank == 0:
-                    _save_checkpoint(tmp, _unwrap(model).student, opt, {"step": step + 1, "tokens": tokens_seen,
-                                                                         "stage": stage})
+                    _save_checkpoint(tmp, _unwrap(model).student, weights, optim_state,
+                                     {"step": step + 1, "tokens": tokens_seen, "stage": stage})
                     ck = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ck)
     if writer is not None:
@@ -316,6 +338,16 @@ def train_loop(config: dict) -> None:
 def _log_event(out: str, record: dict) -> None:
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def absolute_paths(cfg):
+    """A copy of ``cfg`` with every local path absolute: workers run in another directory, or on another node."""
+    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), data=dataclasses.replace(
+        cfg.data, input=os.path.abspath(cfg.data.input),
+        cache_dir=os.path.abspath(cfg.data.cache_dir) if cfg.data.cache_dir else None))
+    if os.path.exists(cfg.teacher):
+        cfg = dataclasses.replace(cfg, teacher=os.path.abspath(cfg.teacher))
+    return cfg
 
 
 def distill(cfg) -> dict:
@@ -328,7 +360,8 @@ def distill(cfg) -> dict:
     from app.distill.data import prepare_data
     from app.models import load_tokenizer
 
-    out = os.path.abspath(cfg.output)
+    cfg = absolute_paths(cfg)
+    out = cfg.output
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
@@ -336,6 +369,8 @@ def distill(cfg) -> dict:
     packed = prepare_data(cfg.data, cfg.teacher, cache_dir)
     tc = cfg.train
     plan = Plan.make(cfg.stages, tc.num_workers * tc.batch_size * cfg.data.seq_len)
+    if tc.strategy == "fsdp" and plan.steps["align"]:
+        raise ValueError("stage align needs train.strategy: ddp (FSDP shards the layers it calls one by one)")
     topk = None
     if cfg.cache.teacher_topk:
         from app.distill.cache import teacher_topk_cache
