@@ -22,13 +22,22 @@ def _refine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
 
 
-def cmd_refine(args: argparse.Namespace) -> int:
-    from app.config import ConfigError, RefineConfig, load_config
+def _config(cls, args: argparse.Namespace):
+    """The job's config from --config and --set, or None after printing the error."""
+    from app.config import ConfigError, load_config
 
     try:
-        cfg = load_config(RefineConfig, args.config, args.overrides)
+        return load_config(cls, args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from app.config import RefineConfig
+
+    cfg = _config(RefineConfig, args)
+    if cfg is None:
         return 2
     from app.raystart import init_ray
     from app.refine.pipeline import AccountingError, default_out_line, run_refine
@@ -126,13 +135,10 @@ def cmd_delta(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from app.config import ConfigError, load_config
     from app.distill.config import DistillConfig
 
-    try:
-        cfg = load_config(DistillConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = _config(DistillConfig, args)
+    if cfg is None:
         return 2
     from app.distill.train import distill
     from app.models import ModelLoadError

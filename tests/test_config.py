@@ -8,8 +8,15 @@ from app.config import ConfigError, RefineConfig, load_config, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_yaml_mirrors_the_dataclasses():
-    data = yaml.safe_load((ROOT / "configs" / "refine.yaml").read_text())
+def _config_classes():
+    from app.distill.config import DistillConfig
+
+    return [("refine.yaml", RefineConfig), ("distill.yaml", DistillConfig)]
+
+
+@pytest.mark.parametrize("name,cls", _config_classes())
+def test_yaml_mirrors_the_dataclasses(name, cls):
+    data = yaml.safe_load((ROOT / "configs" / name).read_text())
 
     def keys(d, prefix=""):
         out = set()
@@ -19,8 +26,8 @@ def test_yaml_mirrors_the_dataclasses():
                 out |= keys(v, prefix + k + ".")
         return out
 
-    assert keys(data) == keys(to_dict(RefineConfig()))
-    assert load_config(RefineConfig, ROOT / "configs" / "refine.yaml") == RefineConfig()
+    assert keys(data) == keys(to_dict(cls()))
+    assert load_config(cls, ROOT / "configs" / name) == cls()
 
 
 def test_overrides_are_typed_and_applied():
@@ -61,21 +68,9 @@ def test_bad_yaml_file(tmp_path):
 
 
 
-def test_distill_yaml_mirrors_the_dataclasses():
+def test_distill_config_errors_name_the_key():
     from app.distill.config import DistillConfig
 
-    data = yaml.safe_load((ROOT / "configs" / "distill.yaml").read_text())
-
-    def keys(d, prefix=""):
-        out = set()
-        for k, v in d.items():
-            out.add(prefix + k)
-            if isinstance(v, dict):
-                out |= keys(v, prefix + k + ".")
-        return out
-
-    assert keys(data) == keys(to_dict(DistillConfig()))
-    assert load_config(DistillConfig, ROOT / "configs" / "distill.yaml") == DistillConfig()
     with pytest.raises(ConfigError, match="stages.temperature"):
         load_config(DistillConfig, None, ["stages.temperature=0"])
     with pytest.raises(ConfigError, match="train.strategy"):

@@ -297,3 +297,10 @@ def test_fsdp_needs_gpus_and_says_so():
     with pytest.raises(ConfigError, match="fsdp needs train.use_gpu"):
         load_config(DistillConfig, None, ["train.strategy=fsdp"])
     assert load_config(DistillConfig, None, ["train.strategy=fsdp", "train.use_gpu=true"]).train.strategy == "fsdp"
+
+
+def test_cli_distill_bad_config_is_exit_2(capsys):
+    from app.cli import main
+
+    assert main(["distill", "--set", "stages.kd_tokens=-1"]) == 2
+    assert "stages.kd_tokens" in capsys.readouterr().err
