@@ -13,7 +13,8 @@
       distilled              attention init, stage kd (KL at T=2 + 0.2 CE): the config's default recipe
       distilled_align        attention init, stage align (1/8 of the tokens) then kd
       distilled_random_init  random init, stage kd
-5. Held-out perplexity of both students and of the teacher on the same held-out rows.
+5. Held-out perplexity of every student and of the teacher on the same held-out rows; and, before training,
+   the KD and CE of freshly initialised students (attention vs random init) on held-out rows.
 Target: the distilled student's perplexity >= 25% lower than the scratch one's.
 The run directories (with metrics.jsonl) stay under --work; delete ``--work/<run>`` to rerun one.
 """
@@ -93,6 +94,49 @@ def teacher_dir(work: str) -> str:
     return path
 
 
+def init_losses(teacher: str, packed_root: str, rows: int = 8) -> dict:
+    """KD (T=2) and CE of freshly built students (attention / random init, 3 seeds each) on held-out rows, and
+    the cosine between each layer's mixer output and the teacher's attention output on the same inputs."""
+    import glob
+
+    import numpy as np
+    import torch
+
+    from app.distill.data import PackedRows
+    from app.distill.losses import kd_ce_loss
+    from app.distill.student import StudentShape, build_student
+    from app.distill.train import TeacherTaps
+    from app.models import load_causal_lm
+
+    lm = load_causal_lm(teacher)
+    ev = PackedRows(sorted(glob.glob(os.path.join(packed_root, "rows", "split=eval", "*.parquet"))))
+    ids = torch.from_numpy(ev.take(np.arange(min(rows, ev.rows))))
+    x, y = ids[:, :-1], ids[:, 1:]
+    mask = torch.ones_like(x, dtype=torch.bool)
+    taps = TeacherTaps(lm.model)
+    with torch.no_grad():
+        th = lm.model.model(input_ids=x).last_hidden_state
+        ins, outs = taps.take()
+    taps.remove()
+    out = {}
+    for init in ("attention", "random"):
+        kd, ce, cos = [], [], []
+        for seed in range(3):
+            st, _ = build_student(lm.model, StudentShape(), init=init, seed=seed)
+            with torch.no_grad():
+                h = st.backbone(input_ids=x).last_hidden_state
+                k, c = kd_ce_loss(h, st.lm_head.weight, mask, y, teacher_hidden=th, teacher_head=lm.model.lm_head.weight,
+                                  temperature=2.0)
+                kd.append(float(k))
+                ce.append(float(c))
+                cos.append(float(np.mean([torch.nn.functional.cosine_similarity(
+                    layer.mixer(layer.norm(i)).flatten(), o.flatten(), dim=0) for layer, i, o in zip(st.backbone.layers, ins, outs)])))
+        out[init] = {"kd": kd, "ce": ce, "mean_layer_cosine": cos}
+        print(f"init {init:9s}: KD {np.mean(kd):.2f} (seeds {', '.join(f'{v:.2f}' for v in kd)}), CE {np.mean(ce):.2f}, "
+              f"mixer vs attention output cosine (mean over layers) {np.mean(cos):+.3f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=os.path.join(ROOT, "out", "bench_distill"))
@@ -103,6 +147,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--docstrings", type=int, default=6000)
     ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--init-only", action="store_true", help="only the losses of freshly initialised students")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     from app.config import load_config
@@ -113,6 +158,14 @@ def main() -> None:
     init_ray(num_cpus=os.cpu_count())
     kept = refine(build_corpus(args.work, args.docstrings), args.work)
     teacher = teacher_dir(args.work)
+    from app.distill.data import prepare_data
+
+    packed = prepare_data(load_config(DistillConfig, None, [f"data.input={kept}", f"data.seq_len={args.seq_len}",
+                                                             "data.eval_fraction=0.05"]).data,
+                          teacher, os.path.join(args.work, "cache"))
+    at_init = init_losses(teacher, packed.root)
+    if args.init_only:
+        return
     common = [f"teacher={teacher}", f"data.input={kept}", f"data.cache_dir={os.path.join(args.work, 'cache')}",
               f"data.seq_len={args.seq_len}", "data.eval_fraction=0.05", f"train.batch_size={args.batch_size}",
               f"train.num_workers={args.workers}", f"train.lr={args.lr}", "train.warmup_steps=5",
@@ -146,7 +199,7 @@ def main() -> None:
                   f"(target >= 25%)")
     print(f"teacher held-out perplexity {rows['scratch']['eval_teacher_ppl']:.2f}")
     with open(os.path.join(args.work, "distill_quality.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": rows}, f, indent=1)
+        json.dump({"args": vars(args), "at_init": at_init, "runs": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
