@@ -98,6 +98,30 @@ def total_error(base: str, tuned: str, adapter: str) -> tuple[float, int]:
     return overall_error(mods), len(mods)
 
 
+def per_matrix(shapes=((576, 1536), (1024, 4096), (2048, 2048), (2048, 8192)), repeat: int = 2) -> list[dict]:
+    """LAPACK's SVD (gesdd, what an exact extraction runs) vs eigh of the Gram matrix (--svd gram) on random
+    fp32 matrices, side by side, with torch's default threads."""
+    import torch
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    rows = []
+    for r, c in shapes:
+        x = torch.randn(r, c)
+        e = best(lambda: torch.linalg.svd(x, full_matrices=False))
+        g = best(lambda: torch.linalg.eigh(x @ x.T))
+        rows.append({"shape": [r, c], "gesdd_ms": 1e3 * e, "gram_eigh_ms": 1e3 * g, "ratio": e / g})
+        print(f"  {r}x{c}: gesdd {1e3 * e:8.1f} ms, gram + eigh {1e3 * g:8.1f} ms: {e / g:.2f}x", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=os.path.join(ROOT, "out", "bench_delta"))
@@ -110,7 +134,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per command; the fastest counts")
     ap.add_argument("--power-iters", type=int, default=4)
     ap.add_argument("--kl-texts", type=int, default=16)
+    ap.add_argument("--per-matrix", action="store_true", help="only the per-matrix gesdd vs gram timing")
     args = ap.parse_args()
+    if args.per_matrix:
+        print("per matrix (random fp32):", flush=True)
+        per_matrix()
+        return
     os.makedirs(args.work, exist_ok=True)
     print("building the pair (cached after the first run)", flush=True)
     base, tuned = build_pair(args.work, args.steps, args.seq, args.batch, args.lr)
