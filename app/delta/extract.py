@@ -177,8 +177,8 @@ class _Workers:
     """Factorizations on a few threads, torch's intra-op threads shared out among them (restored on exit).
 
     LAPACK's eigh/gesdd use extra threads poorly at these sizes: on 2 cores, two workers of one thread each
-    factor SmolLM2-135M's deltas about 1.6x faster than one worker of two threads, and reading the next
-    tensors overlaps the SVDs. On CUDA (or with one worker) the work runs inline.
+    factor SmolLM2-135M's deltas faster than one worker of two threads, and reading the next tensors
+    overlaps the SVDs. On CUDA (or with one worker) the work runs inline.
     """
 
     def __init__(self, workers: Optional[int], device: str):
