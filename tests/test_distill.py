@@ -309,3 +309,21 @@ def test_cli_distill_bad_config_is_exit_2(capsys):
 
     assert main(["distill", "--set", "stages.kd_tokens=-1"]) == 2
     assert "stages.kd_tokens" in capsys.readouterr().err
+
+
+def test_batches_cover_each_epoch_once_across_workers():
+    from app.distill.data import batch_rows, eval_split
+
+    rows, bs, world = 100, 4, 2  # 25 batches per epoch
+    seen = []
+    for step in range(13):  # 26 batches: one epoch and one batch of the next
+        for rank in range(world):
+            seen.append(tuple(batch_rows(step, rank, world, bs, rows, seed=0)))
+    first = seen[:25]
+    assert len(set(first)) == 25 and sorted(r for b in first for r in b) == list(range(100))
+    assert seen == [tuple(batch_rows(s, r, world, bs, rows, seed=0)) for s in range(13) for r in range(world)]
+    assert [tuple(batch_rows(s, 0, 1, bs, rows, seed=1)) for s in range(25)] != [tuple(batch_rows(s, 0, 1, bs, rows, seed=0)) for s in range(25)]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        batch_rows(0, 0, 1, 8, 5, 0)
+    held = sum(eval_split(f"doc-{i}", 0.1) for i in range(5000))
+    assert 400 < held < 600 and eval_split("doc-1", 0.1) == eval_split("doc-1", 0.1)

@@ -48,8 +48,9 @@ class TokenizePack:
         import pyarrow as pa
 
         texts = batch.column(self.text_field).to_pylist()
+        # without an id column the text itself decides the split (stable, and the same in every batch)
         ids = batch.column(self.id_field).to_pylist() if self.id_field in batch.column_names else \
-            [str(i) for i in range(len(texts))]
+            [t or "" for t in texts]
         enc = self.tok([t or "" for t in texts], add_special_tokens=False)["input_ids"]
         streams: dict[str, list[int]] = {"train": [], "eval": []}
         for doc_id, toks in zip(ids, enc):
@@ -105,7 +106,12 @@ def prepare_data(data_cfg, tokenizer_ref: str, cache_dir: str) -> PackedData:
             packed = PackedData(**json.load(f))
         log.info("packed data: reusing %s (%d train rows, %d eval rows)", root, packed.train_rows, packed.eval_rows)
         return packed
-    ds = ray.data.read_parquet(files, columns=[c for c in (data_cfg.id_field, data_cfg.text_field)])
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(files[0]).names)
+    if data_cfg.text_field not in names:
+        raise ValueError(f"{files[0]}: no column {data_cfg.text_field!r} (data.text_field); columns: {sorted(names)}")
+    ds = ray.data.read_parquet(files, columns=[c for c in (data_cfg.id_field, data_cfg.text_field) if c in names])
     if data_cfg.max_docs is not None:
         ds = ds.limit(data_cfg.max_docs)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -114,7 +120,6 @@ def prepare_data(data_cfg, tokenizer_ref: str, cache_dir: str) -> PackedData:
                         batch_size=256, batch_format="pyarrow", concurrency=(1, cpus))
     ds.write_parquet(os.path.join(root, "rows"), partition_cols=["split"])
     split_files = {s: sorted(glob.glob(os.path.join(root, "rows", f"split={s}", "*.parquet"))) for s in ("train", "eval")}
-    import pyarrow.parquet as pq
 
     counts = {s: sum(pq.ParquetFile(f).metadata.num_rows for f in fs) for s, fs in split_files.items()}
     if counts["train"] == 0:

@@ -368,6 +368,9 @@ def distill(cfg) -> dict:
     cache_dir = os.path.abspath(cfg.data.cache_dir or os.path.join(out, "cache"))
     packed = prepare_data(cfg.data, cfg.teacher, cache_dir)
     tc = cfg.train
+    if packed.train_rows < tc.batch_size:
+        raise ValueError(f"{packed.train_rows} packed training rows of {cfg.data.seq_len + 1} tokens: fewer than one "
+                         f"batch (train.batch_size {tc.batch_size}); more text or a shorter data.seq_len")
     plan = Plan.make(cfg.stages, tc.num_workers * tc.batch_size * cfg.data.seq_len)
     if tc.strategy == "fsdp" and plan.steps["align"]:
         raise ValueError("stage align needs train.strategy: ddp (FSDP shards the layers it calls one by one)")
