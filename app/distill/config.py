@@ -116,7 +116,7 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between held-out evaluations (0: at the end only)."""
     eval_batches: int = 8
-    """Held-out batches per worker per evaluation."""
+    """Held-out batches (of train.batch_size rows) per evaluation, all workers together."""
     seed: int = 0
     """Student initialisation and data order."""
     debug_fail_at_step: Optional[int] = None

@@ -237,15 +237,21 @@ def train_loop(config: dict) -> None:
         if eval_rows is None or eval_rows.rows == 0:
             return {}
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # student nll, teacher nll, tokens
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # student nll, teacher nll, tokens (NCCL: on device)
+        fsdp = tc.strategy == "fsdp"
+        bs = tc.batch_size
+        n = min(tc.eval_batches * bs, eval_rows.rows)  # the first n held-out rows, shared out among the ranks
+        batches = [j for j in range(-(-n // bs)) if j % world == rank]
+        if fsdp:  # FSDP's forward gathers shards collectively: every rank the same number of batches
+            batches = batches[: (n // bs) // world]
+        # DDP: the module itself (no collectives, so ranks may differ in batches); FSDP: the wrapper (it holds shards)
+        fwd = model if fsdp else _unwrap(model)
         with torch.no_grad():
-            n = min(tc.eval_batches * tc.batch_size, eval_rows.rows)
-            mine = np.arange(rank, n, world)
-            for i in range(0, len(mine), tc.batch_size):
-                ids = torch.from_numpy(eval_rows.take(mine[i:i + tc.batch_size])).to(device)
+            for j in batches:
+                ids = torch.from_numpy(eval_rows.take(np.arange(j * bs, min((j + 1) * bs, n)))).to(device)
                 x, y = ids[:, :-1], ids[:, 1:]
                 mask = torch.ones_like(x, dtype=torch.bool)
-                ce_s = model(x, y, mask, "ce", weights, {})["ce"]  # through the wrapper: FSDP holds shards
+                ce_s = fwd(x, y, mask, "ce", weights, {})["ce"]
                 sums[0] += float(ce_s) * y.numel()
                 if teacher_eval is None:
                     ht = teacher.model.model(input_ids=x).last_hidden_state
@@ -300,7 +306,7 @@ def train_loop(config: dict) -> None:
         opt.zero_grad(set_to_none=True)
         tokens_seen += plan.tokens_per_step
         vals = torch.tensor([float(parts["loss"])] + [float(parts.get(k, float("nan"))) for k in ("align", "kd", "ce")],
-                            dtype=torch.float64)
+                            dtype=torch.float64, device=device)  # NCCL reduces device tensors only
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(vals)
             vals /= world
