@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 log = logging.getLogger("distillery")
@@ -156,6 +157,96 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune_distill(args: argparse.Namespace) -> int:
+    from app.distill.config import TuneDistillConfig
+
+    cfg = _config(TuneDistillConfig, args)
+    if cfg is None:
+        return 2
+    from app.distill.tune import METRIC, tune_distill
+    from app.models import ModelLoadError
+    from app.raystart import init_ray
+
+    init_ray(args.address, args.num_cpus)
+    try:
+        res = tune_distill(cfg)
+    except (FileNotFoundError, ValueError, ModelLoadError) as e:
+        print(f"tune-distill: {e}", file=sys.stderr)
+        return 2
+    b = res["best"]
+    done = sum(t["status"] == "complete" for t in res["trials"])
+    stopped = sum(t["status"] == "stopped" for t in res["trials"])
+    failed = sum(t["status"] == "error" for t in res["trials"])
+    print(f"{len(res['trials'])} trials ({done} ran their budget, {stopped} stopped early by ASHA, {failed} failed)"
+          + ("  [resumed]" if res["resumed"] else ""))
+    print(f"best: {b['trial_id']}  held-out perplexity {b[METRIC]:.4g} at step {b['step']}/{res['total_steps']}  "
+          + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(b["params"].items())))
+    print(f"best config: {res['best_config']}   (python jobs/distill.py --config {res['best_config']})")
+    print(f"Tune dashboard: tensorboard --logdir {os.path.join(os.path.abspath(cfg.output), 'tune')}")
+    return 0 if not failed else 1
+
+
+def _tune_args(sub) -> None:
+    p = sub.add_parser("tune-distill", help="Ray Tune (Optuna + ASHA) over distillation loss weights and stages")
+    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/tune_distill.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config value, e.g. --set num_samples=16; repeatable")
+    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    p.set_defaults(fn=cmd_tune_distill)
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from app.scaling.analysis import summary_lines
+
+    if args.action == "fit":
+        from app.scaling.sweep import fit_file
+
+        try:
+            res = fit_file(args.runs, args.target, args.out, bootstrap=args.bootstrap, workers=args.workers)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"scaling fit: {e}", file=sys.stderr)
+            return 2
+    else:
+        from app.scaling.sweep import ScalingSweepConfig, sweep
+
+        cfg = _config(ScalingSweepConfig, args)
+        if cfg is None:
+            return 2
+        from app.models import ModelLoadError
+        from app.raystart import init_ray
+
+        init_ray(args.address, args.num_cpus)
+        try:
+            res = sweep(cfg)
+        except (FileNotFoundError, ValueError, ModelLoadError) as e:
+            print(f"scaling sweep: {e}", file=sys.stderr)
+            return 2
+        print(f"runs: {res['runs_table']}  ({res['runs']} runs, {len(res['failed'])} failed)")
+    print("\n".join(summary_lines(res)))
+    if res.get("paths"):
+        print(f"report: {res['paths']['html']}")
+    return 0
+
+
+def _scaling_args(sub) -> None:
+    p = sub.add_parser("scaling", help="Chinchilla scaling: sweep (IsoFLOP grid on Ray Tune) | fit RUNS table")
+    acts = p.add_subparsers(dest="action", required=True)
+    s = acts.add_parser("sweep", help="train a grid of student sizes x budgets, then fit (see configs/scaling.yaml)")
+    s.add_argument("--config", metavar="FILE")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    s.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
+    s.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    f = acts.add_parser("fit", help="fit Approach 3 and Approach 2 to a runs table (.parquet or .csv)")
+    f.add_argument("runs", metavar="RUNS", help="table with model size, tokens and/or training FLOPs, and loss")
+    f.add_argument("--target", type=float, action="append", default=[],
+                   help="compute budget (FLOPs) to give N*, D* for; repeatable (default: 10x the largest run)")
+    f.add_argument("--out", help="write scaling.json, PNG plots and report.html here")
+    f.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals (0: none)")
+    f.add_argument("--workers", type=int, default=None, help="processes for the fits (default: one per CPU)")
+    p.set_defaults(fn=cmd_scaling)
+
+
 def _distill_args(sub) -> None:
     p = sub.add_parser("distill", help="distill a teacher Transformer into a Mamba-2 student (Ray Train)")
     p.add_argument("--config", metavar="FILE", help="YAML config (see configs/distill.yaml)")
@@ -225,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_dashboard)
     _delta_args(sub)
     _distill_args(sub)
+    _tune_args(sub)
+    _scaling_args(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

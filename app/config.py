@@ -319,6 +319,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         _check(value in typing.get_args(tp), key, f"must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
+    if origin is list:
+        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
         return _build(tp, value, key)

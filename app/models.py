@@ -83,6 +83,18 @@ def load_tokenizer(reference: str) -> Any:
     return tok
 
 
+def load_model_config(reference: str) -> Any:
+    """The transformers config of a model reference (no weights loaded)."""
+    from transformers import AutoConfig
+
+    name, kwargs = resolve(reference)
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the reference
+        raise ModelLoadError(f"model '{reference}': could not load its config ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]})") from e
+
+
 def load_causal_lm(reference: str, *, device: str = "cpu", dtype: Any = None) -> LoadedModel:
     """Load a causal LM + tokenizer for scoring (eval mode, no grad). bf16 on CUDA, fp32 on CPU by default."""
     import torch

@@ -37,6 +37,10 @@ class StudentConfig:
     init: Literal["attention", "random"] = "attention"
     """attention: copy the teacher's embeddings, norms, head and (where the shapes allow) Q/K/V/O into the
     student (app/distill/init.py); random: Mamba-2's own initialisation."""
+    hidden_size: Optional[int] = None
+    """Student width (null: the teacher's; another width needs init random)."""
+    num_layers: Optional[int] = None
+    """Student depth (null: the teacher's; another depth needs init random)."""
     num_heads: Optional[int] = None
     """SSM heads (null: the teacher's attention heads)."""
     head_dim: Optional[int] = None
@@ -54,8 +58,14 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         _check(self.expand >= 1, "student.expand", "must be >= 1")
-        for k in ("num_heads", "head_dim", "state_size", "n_groups"):
+        for k in ("hidden_size", "num_layers", "num_heads", "head_dim", "state_size", "n_groups"):
             _check(getattr(self, k) is None or getattr(self, k) >= 1, f"student.{k}", "must be >= 1 or null")
+
+    def shape(self):
+        """The builder's StudentShape (app/distill/student.py): these fields without ``init``."""
+        from app.distill.student import StudentShape
+
+        return StudentShape(**{k: getattr(self, k) for k in StudentShape.__dataclass_fields__})
 
 
 @dataclass
@@ -119,6 +129,9 @@ class TrainConfig:
     """Held-out batches (of train.batch_size rows) per evaluation, all workers together."""
     seed: int = 0
     """Student initialisation and data order."""
+    eval_teacher: bool = True
+    """Also report the teacher's held-out perplexity (off: runs that need no teacher, e.g. stage ce only
+    or kd from the top-k cache, never load it)."""
     debug_fail_at_step: Optional[int] = None
     """Testing recovery: raise once at this step (a marker file makes it once per output directory)."""
 
@@ -159,3 +172,84 @@ class DistillConfig:
     """Ray Train and the optimiser."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Cached teacher logits."""
+
+
+@dataclass
+class Range:
+    """A searched number: uniform in [low, high], or log-uniform with ``log: true``."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.low <= self.high, "range", f"low ({self.low}) must be <= high ({self.high})")
+        _check(not self.log or self.low > 0, "range", "a log range needs low > 0")
+
+
+@dataclass
+class SpaceConfig:
+    """What Tune searches; a null entry keeps the base config's value."""
+
+    temperature: Optional[Range] = field(default_factory=lambda: Range(1.0, 4.0))
+    """KD temperature T (stages.temperature)."""
+    kd_ce_weight: Optional[Range] = field(default_factory=lambda: Range(0.0, 1.0))
+    """alpha: CE weight in stage kd, against KD at weight 1 (stages.kd_ce_weight)."""
+    align_weight: Optional[Range] = field(default_factory=lambda: Range(0.1, 10.0, log=True))
+    """Weight of the alignment loss (stages.align_weight; matters where align_share > 0)."""
+    align_share: Optional[Range] = field(default_factory=lambda: Range(0.0, 0.25))
+    """Share of the token budget (the base's align + kd + ce tokens) spent in stage align."""
+    ce_share: Optional[Range] = field(default_factory=lambda: Range(0.0, 0.25))
+    """Share spent in stage ce (the rest goes to stage kd)."""
+    lr: Optional[Range] = field(default_factory=lambda: Range(3e-4, 1e-2, log=True))
+    """Peak learning rate (train.lr)."""
+    init: Optional[list[str]] = None
+    """Student initialisations to choose from, e.g. [attention, random] (null: the base's)."""
+
+    def __post_init__(self) -> None:
+        for k in ("align_share", "ce_share"):
+            r = getattr(self, k)
+            _check(r is None or (0 <= r.low and r.high <= 1), f"space.{k}", "must lie in [0, 1]")
+        _check(self.init is None or (self.init and set(self.init) <= {"attention", "random"}), "space.init",
+               "must list attention and/or random")
+
+
+@dataclass
+class AshaConfig:
+    enabled: bool = True
+    """Stop trials early with ASHA (asynchronous successive halving); off: every trial runs its budget."""
+    grace_period: int = 1
+    """Reports (of report_every steps) every trial gets before it can be stopped."""
+    reduction_factor: float = 2.0
+    """Keep the best 1/reduction_factor of the trials at each rung."""
+
+    def __post_init__(self) -> None:
+        _check(self.grace_period >= 1, "asha.grace_period", "must be >= 1")
+        _check(self.reduction_factor > 1, "asha.reduction_factor", "must be > 1")
+
+
+@dataclass
+class TuneDistillConfig:
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The base distillation: each trial is it with the searched values (its token budget is split among the
+    stages by align_share and ce_share). Its output is ignored: trials write under OUTPUT/trials/."""
+    output: str = "out/tune_distill"
+    """Sweep directory: tune/ (Ray Tune's results and TensorBoard logs), trials/, best.yaml, trials.csv."""
+    num_samples: int = 8
+    """Trials (Optuna proposes each from the finished ones)."""
+    max_concurrent_trials: Optional[int] = None
+    """Trials at once (null: as many as the cluster's CPUs, or GPUs, fit at train.num_workers each)."""
+    report_every: int = 4
+    """Steps between held-out evaluations reported to Tune (and checkpoints); ASHA decides at these."""
+    seed: int = 0
+    """Optuna's sampler seed."""
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    """The search space."""
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    """Early stopping."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "num_samples", "must be >= 1")
+        _check(self.report_every >= 1, "report_every", "must be >= 1")
+        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "max_concurrent_trials",
+               "must be >= 1 or null")

@@ -170,8 +170,8 @@ def train_loop(config: dict) -> None:
     from app.distill.config import DistillConfig
     from app.distill.data import PackedRows, batch_rows
     from app.distill.losses import TeacherTopK, kd_ce_loss
-    from app.distill.student import StudentShape, build_student
-    from app.models import load_causal_lm
+    from app.distill.student import build_student
+    from app.models import load_causal_lm, load_model_config
 
     cfg = _build(DistillConfig, config["cfg"])
     plan = Plan(**config["plan"])
@@ -182,9 +182,12 @@ def train_loop(config: dict) -> None:
     tc, sc = cfg.train, cfg.stages
     torch.manual_seed(tc.seed)
 
-    teacher = load_causal_lm(cfg.teacher, device=str(device))
-    shape = StudentShape(**{k: getattr(cfg.student, k) for k in StudentShape.__dataclass_fields__})
-    student, _ = build_student(teacher.model, shape, init=cfg.student.init, seed=tc.seed)
+    topk_rows = config.get("topk")
+    needs_teacher = (plan.steps["align"] > 0 or (plan.steps["kd"] > 0 and not topk_rows) or tc.eval_teacher
+                     or cfg.student.init == "attention")
+    teacher = load_causal_lm(cfg.teacher, device=str(device)) if needs_teacher else None
+    student, _ = build_student(teacher.model if teacher else load_model_config(cfg.teacher), cfg.student.shape(),
+                               init=cfg.student.init, seed=tc.seed)
     start, tokens_seen = 0, 0
     ckpt = ray.train.get_checkpoint()
     opt_state = None
@@ -216,7 +219,6 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(opt_state)
     train_rows = PackedRows(config["data"]["train"])
     eval_rows = PackedRows(config["data"]["eval"]) if config["data"]["eval"] else None
-    topk_rows = config.get("topk")
     topk_reader = None
     if topk_rows:
         from app.distill.cache import TopKRows
@@ -253,7 +255,7 @@ def train_loop(config: dict) -> None:
                 mask = torch.ones_like(x, dtype=torch.bool)
                 ce_s = fwd(x, y, mask, "ce", weights, {})["ce"]
                 sums[0] += float(ce_s) * y.numel()
-                if teacher_eval is None:
+                if teacher_eval is None and teacher is not None:
                     ht = teacher.model.model(input_ids=x).last_hidden_state
                     _, ce_t = kd_ce_loss(ht, teacher.model.lm_head.weight, mask, y, chunk_tokens=tc.kd_chunk_tokens)
                     sums[1] += float(ce_t) * y.numel()
@@ -261,9 +263,10 @@ def train_loop(config: dict) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         model.train()
-        if teacher_eval is None and sums[2] > 0:
+        if teacher_eval is None and teacher is not None and sums[2] > 0:
             teacher_eval = math.exp(float(sums[1] / sums[2]))
-        return {"eval_student_ppl": math.exp(float(sums[0] / sums[2])) if sums[2] > 0 else float("nan"),
+        loss = float(sums[0] / sums[2]) if sums[2] > 0 else float("nan")
+        return {"eval_loss": loss, "eval_student_ppl": math.exp(min(loss, 700.0)) if sums[2] > 0 else float("nan"),
                 "eval_teacher_ppl": teacher_eval, "eval_tokens": int(sums[2])}
 
     model.train()
@@ -320,10 +323,12 @@ def train_loop(config: dict) -> None:
             metrics.update(evaluate())
         if rank == 0:
             parts_txt = " ".join(f"{k} {metrics[k]:.4f}" for k in ("align", "kd", "ce") if k in metrics)
+            evals = ""
+            if "eval_student_ppl" in metrics:
+                evals = f" eval ppl student {metrics['eval_student_ppl']:.2f}" + (
+                    f" teacher {metrics['eval_teacher_ppl']:.2f}" if metrics.get("eval_teacher_ppl") else "")
             print(f"step {step + 1}/{plan.total} [{stage}] loss {metrics['loss']:.4f} {parts_txt} lr {lr:.2e} "
-                  f"tok/s {metrics['tokens_per_s']:.0f}" + (f" eval ppl student {metrics['eval_student_ppl']:.2f} "
-                                                           f"teacher {metrics['eval_teacher_ppl']:.2f}"
-                                                           if "eval_student_ppl" in metrics else ""), flush=True)
+                  f"tok/s {metrics['tokens_per_s']:.0f}{evals}", flush=True)
             _log_event(out, metrics)
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and v is not None:
@@ -356,15 +361,23 @@ def absolute_paths(cfg):
     return cfg
 
 
-def distill(cfg) -> dict:
-    """Run a distillation (see the module doc); returns the final metrics and where the student went."""
+@dataclass
+class Prepared:
+    """What ``prepare`` makes once per run (or once per Tune sweep): the run's config with absolute paths, the
+    packed data, the plan and the teacher's top-k cache (or None)."""
+
+    cfg: object
+    packed: object
+    plan: Plan
+    topk: Optional[dict]
+
+
+def prepare(cfg) -> Prepared:
+    """Resolved config saved in the output directory, data packed (cached), the plan, the top-k cache."""
     import yaml
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from app.config import to_dict
     from app.distill.data import prepare_data
-    from app.models import load_tokenizer
 
     cfg = absolute_paths(cfg)
     out = cfg.output
@@ -386,26 +399,52 @@ def distill(cfg) -> dict:
 
         topk = teacher_topk_cache(cfg, packed, out)
     log.info("plan: %s steps (%d tokens per step, %d workers)", plan.steps, plan.tokens_per_step, tc.num_workers)
-    trainer = TorchTrainer(
+    return Prepared(cfg, packed, plan, topk)
+
+
+def trainer(prep: Prepared, callbacks: tuple = ()):
+    """The run's ``TorchTrainer``: run "train" under OUTPUT/ray, so a rerun into the same output directory
+    restores from the run's last checkpoint (Ray Train v2 restores a run by name and storage path)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from app.config import to_dict
+
+    cfg, tc = prep.cfg, prep.cfg.train
+    return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "plan": plan.__dict__, "data": packed.to_dict(), "output": out,
-                           "topk": topk},
+        train_loop_config={"cfg": to_dict(cfg), "plan": prep.plan.__dict__, "data": prep.packed.to_dict(),
+                           "output": cfg.output, "topk": prep.topk},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
-        run_config=RunConfig(name="train", storage_path=os.path.join(out, "ray"),
+        run_config=RunConfig(name="train", storage_path=os.path.join(cfg.output, "ray"),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                             callbacks=list(callbacks)),
     )
-    result = trainer.fit()
+
+
+def distill(cfg, *, callbacks: tuple = (), export: bool = True) -> dict:
+    """Run a distillation (see the module doc); returns the final metrics and where the student went.
+    ``callbacks``: Ray Train callbacks (a Tune trial passes TuneReportCallback); ``export``: copy the student
+    out of the last checkpoint with the tokenizer (else ``student`` is the checkpoint's copy)."""
+    from app.models import load_tokenizer
+
+    prep = prepare(cfg)
+    out = prep.cfg.output
+    result = trainer(prep, callbacks).fit()
     if result.error is not None:
         raise result.error
-    student_dir = os.path.join(out, "student")
-    with result.checkpoint.as_directory() as d:
-        if os.path.isdir(student_dir):
-            shutil.rmtree(student_dir)
-        shutil.copytree(os.path.join(d, "student"), student_dir)
-    load_tokenizer(cfg.teacher).save_pretrained(student_dir)
     final = dict(result.metrics or {})
-    final["student"] = student_dir
+    if export:
+        student_dir = os.path.join(out, "student")
+        with result.checkpoint.as_directory() as d:
+            if os.path.isdir(student_dir):
+                shutil.rmtree(student_dir)
+            shutil.copytree(os.path.join(d, "student"), student_dir)
+        load_tokenizer(prep.cfg.teacher).save_pretrained(student_dir)
+        final["student"] = student_dir
+    else:
+        final["student"] = os.path.join(result.checkpoint.path, "student")
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(final, f, indent=1, default=str)
     return final
