@@ -163,7 +163,7 @@ def cmd_tune_distill(args: argparse.Namespace) -> int:
     cfg = _config(TuneDistillConfig, args)
     if cfg is None:
         return 2
-    from app.distill.tune import METRIC, tune_distill
+    from app.distill.tune import METRIC, SweepInterrupted, tune_distill
     from app.models import ModelLoadError
     from app.raystart import init_ray
 
@@ -173,6 +173,9 @@ def cmd_tune_distill(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, ModelLoadError) as e:
         print(f"tune-distill: {e}", file=sys.stderr)
         return 2
+    except SweepInterrupted as e:
+        print(f"tune-distill: {e}", file=sys.stderr)
+        return 130
     b = res["best"]
     done = sum(t["status"] == "complete" for t in res["trials"])
     stopped = sum(t["status"] == "stopped" for t in res["trials"])
@@ -213,6 +216,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         cfg = _config(ScalingSweepConfig, args)
         if cfg is None:
             return 2
+        from app.distill.tune import SweepInterrupted
         from app.models import ModelLoadError
         from app.raystart import init_ray
 
@@ -222,6 +226,9 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError, ModelLoadError) as e:
             print(f"scaling sweep: {e}", file=sys.stderr)
             return 2
+        except SweepInterrupted as e:
+            print(f"scaling sweep: {e}", file=sys.stderr)
+            return 130
         print(f"runs: {res['runs_table']}  ({res['runs']} runs, {len(res['failed'])} failed)")
     print("\n".join(summary_lines(res)))
     if res.get("paths"):

@@ -22,5 +22,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray at %s", address)
         return
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)
+    # The dashboard (on 127.0.0.1) serves the State API, which Ray Train v2's PlacementGroupCleaner needs to see
+    # that a controller died: without it a Tune trial stopped early (ASHA) leaks its workers' CPUs for good.
+    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("started a local Ray on 127.0.0.1")

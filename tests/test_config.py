@@ -9,9 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config_classes():
-    from app.distill.config import DistillConfig
+    from app.distill.config import DistillConfig, TuneDistillConfig
+    from app.scaling.sweep import ScalingSweepConfig
 
-    return [("refine.yaml", RefineConfig), ("distill.yaml", DistillConfig)]
+    return [("refine.yaml", RefineConfig), ("distill.yaml", DistillConfig), ("tune_distill.yaml", TuneDistillConfig),
+            ("scaling.yaml", ScalingSweepConfig)]
 
 
 @pytest.mark.parametrize("name,cls", _config_classes())
@@ -24,6 +26,8 @@ def test_yaml_mirrors_the_dataclasses(name, cls):
             out.add(prefix + k)
             if isinstance(v, dict):
                 out |= keys(v, prefix + k + ".")
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                out |= keys(v[0], prefix + k + "[].")
         return out
 
     assert keys(data) == keys(to_dict(cls()))

@@ -224,7 +224,7 @@ def train_loop(config: dict) -> None:
         from app.distill.cache import TopKRows
 
         topk_reader = TopKRows(topk_rows["files"], topk_rows["k"])
-    weights = {"align_weight": sc.align_weight, "kd_weight": sc.kd_weight, "kd_ce_weight": sc.kd_ce_weight,
+    loss_w = {"align_weight": sc.align_weight, "kd_weight": sc.kd_weight, "kd_ce_weight": sc.kd_ce_weight,
                "temperature": sc.temperature}
     taps = TeacherTaps(teacher.model) if plan.steps["align"] > start else None
     writer = None
@@ -253,7 +253,7 @@ def train_loop(config: dict) -> None:
                 ids = torch.from_numpy(eval_rows.take(np.arange(j * bs, min((j + 1) * bs, n)))).to(device)
                 x, y = ids[:, :-1], ids[:, 1:]
                 mask = torch.ones_like(x, dtype=torch.bool)
-                ce_s = fwd(x, y, mask, "ce", weights, {})["ce"]
+                ce_s = fwd(x, y, mask, "ce", loss_w, {})["ce"]
                 sums[0] += float(ce_s) * y.numel()
                 if teacher_eval is None and teacher is not None:
                     ht = teacher.model.model(input_ids=x).last_hidden_state
@@ -300,7 +300,7 @@ def train_loop(config: dict) -> None:
             if not os.path.exists(marker):
                 open(marker, "w").close()
                 raise RuntimeError(f"debug_fail_at_step: failing once at step {step}")
-        parts = model(x, y, mask, stage, weights, teach)
+        parts = model(x, y, mask, stage, loss_w, teach)
         parts["loss"].backward()
         if tc.grad_clip > 0:  # FSDP's own clip: the norm over every shard
             (model.clip_grad_norm_(tc.grad_clip) if tc.strategy == "fsdp"
@@ -334,11 +334,11 @@ def train_loop(config: dict) -> None:
                 if isinstance(v, (int, float)) and v is not None:
                     writer.add_scalar(f"train/{k}", v, step + 1)
         if (step + 1) % tc.checkpoint_every == 0 or last:
-            weights, optim_state = _full_state(model, opt, tc.strategy == "fsdp")
+            student_state, optim_state = _full_state(model, opt, tc.strategy == "fsdp")
             with tempfile.TemporaryDirectory() as tmp:
                 ck = None
                 if rank == 0:
-                    _save_checkpoint(tmp, _unwrap(model).student, weights, optim_state,
+                    _save_checkpoint(tmp, _unwrap(model).student, student_state, optim_state,
                                      {"step": step + 1, "tokens": tokens_seen, "stage": stage})
                     ck = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ck)

@@ -32,24 +32,42 @@ import os
 log = logging.getLogger(__name__)
 
 METRIC = "eval_student_ppl"
+# The trial's driver function only waits on its TorchTrainer (whose workers hold the CPUs/GPUs). Tune refuses
+# an empty resource request, so it asks for one byte of memory: no CPU, so N trials need N x workers CPUs.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 _STAGE_KEYS = ("align_tokens", "kd_tokens", "ce_tokens")
 
 
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped (Ctrl-C, SIGTERM) with trials unfinished; running it again resumes it."""
+
+
+def finished_or_raise(grid, expected: int, exp: str) -> None:
+    """Raise SweepInterrupted unless all ``expected`` trials ended (finished, stopped early or failed)."""
+    done = grid.num_terminated + grid.num_errors
+    if done < expected:
+        raise SweepInterrupted(f"interrupted with {done} of {expected} trials ended; run the same command again to "
+                               f"resume the sweep in {exp}")
+
+
 def apply_params(cfg, params: dict):
-    """A copy of DistillConfig ``cfg`` with a trial's values (keys of SpaceConfig) applied."""
+    """A copy of DistillConfig ``cfg`` with a trial's values (keys of SpaceConfig) applied. The stage split is
+    rounded to whole steps, so every trial runs the base's number of steps."""
     cfg = copy.deepcopy(cfg)
     st = cfg.stages
-    total = sum(getattr(st, k) for k in _STAGE_KEYS)
+    per_step = cfg.train.num_workers * cfg.train.batch_size * cfg.data.seq_len
+    steps = sum(math.ceil(getattr(st, k) / per_step) for k in _STAGE_KEYS)
     for k in ("temperature", "kd_ce_weight", "align_weight"):
         if k in params:
             setattr(st, k, float(params[k]))
     if "align_share" in params or "ce_share" in params:
+        total = sum(getattr(st, k) for k in _STAGE_KEYS)
         a = params.get("align_share", st.align_tokens / total)
         c = params.get("ce_share", st.ce_tokens / total)
         if a + c > 1:
             a, c = a / (a + c), c / (a + c)
-        st.align_tokens, st.ce_tokens = int(round(a * total)), int(round(c * total))
-        st.kd_tokens = total - st.align_tokens - st.ce_tokens
+        sa, sc = int(round(a * steps)), int(round(c * steps))
+        st.align_tokens, st.ce_tokens, st.kd_tokens = sa * per_step, sc * per_step, (steps - sa - sc) * per_step
     if "lr" in params:
         cfg.train.lr = float(params["lr"])
     if "init" in params:
@@ -119,7 +137,7 @@ def tune_distill(tcfg) -> dict:
     prep = prepare(base)  # pack the data and compute the top-k cache once, for every trial
     total_steps = prep.plan.total
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=to_dict(base), root=out, report_every=tcfg.report_every), {"cpu": 0})
+        tune.with_parameters(_trial, base=to_dict(base), root=out, report_every=tcfg.report_every), DRIVER_RESOURCES)
     exp = os.path.join(out, "tune")
     resumed = tune.Tuner.can_restore(exp)
     if resumed:
@@ -138,6 +156,7 @@ def tune_distill(tcfg) -> dict:
             run_config=tune.RunConfig(name="tune", storage_path=out),
         )
     grid = tuner.fit()
+    finished_or_raise(grid, tcfg.num_samples, exp)
     trials = []
     for r in grid:
         m = r.metrics or {}

@@ -148,6 +148,7 @@ def sweep(scfg) -> dict:
 
     from app.config import to_dict
     from app.distill.train import absolute_paths, prepare
+    from app.distill.tune import DRIVER_RESOURCES, finished_or_raise
     from app.models import load_model_config
     from app.scaling.analysis import analyze, runs_from_columns, write_report
 
@@ -168,7 +169,7 @@ def sweep(scfg) -> dict:
     first.output = os.path.join(out, "base")
     prepare(first)  # pack the data (and a top-k cache) once, before the trials
     trainable = tune.with_resources(tune.with_parameters(_trial, base=to_dict(base), root=out, mode=scfg.mode),
-                                    {"cpu": 0})
+                                    DRIVER_RESOURCES)
     exp = os.path.join(out, "tune")
     if tune.Tuner.can_restore(exp):
         log.info("resuming the sweep in %s", exp)
@@ -178,6 +179,7 @@ def sweep(scfg) -> dict:
                            tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(scfg)),
                            run_config=tune.RunConfig(name="tune", storage_path=out))
     grid = tuner.fit()
+    finished_or_raise(grid, len(runs), exp)
     rows, errors = [], []
     for r in grid:
         run = r.config["run"]
