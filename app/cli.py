@@ -206,7 +206,8 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         from app.scaling.sweep import fit_file
 
         try:
-            res = fit_file(args.runs, args.target, args.out, bootstrap=args.bootstrap, workers=args.workers)
+            res = fit_file(args.runs, args.target, args.out, bootstrap=args.bootstrap, workers=args.workers,
+                           top_inits=args.top_inits)
         except (FileNotFoundError, ValueError) as e:
             print(f"scaling fit: {e}", file=sys.stderr)
             return 2
@@ -251,6 +252,8 @@ def _scaling_args(sub) -> None:
     f.add_argument("--out", help="write scaling.json, PNG plots and report.html here")
     f.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals (0: none)")
     f.add_argument("--workers", type=int, default=None, help="processes for the fits (default: one per CPU)")
+    f.add_argument("--top-inits", type=int, default=None,
+                   help="start L-BFGS from the K best of the 4,500 grid points (default: all, as the paper)")
     p.set_defaults(fn=cmd_scaling)
 
 

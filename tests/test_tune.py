@@ -17,20 +17,26 @@ from tests.tiny_models import WORDS, tiny_llama
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def _texts(n, seed=0):
+    """Learnable text: runs of the tiny vocabulary in order, from random starting words."""
     import random
 
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        i = rng.randrange(len(WORDS))
+        out.append(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(40)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     root = tmp_path_factory.mktemp("tune")
     teacher = tiny_llama(str(root / "teacher"))
-    rng = random.Random(0)
-    texts = []
-    for _ in range(200):
-        i = rng.randrange(len(WORDS))
-        texts.append(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(40)))
+    texts = _texts(200)
     os.makedirs(root / "kept")
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), root / "kept" / "p.parquet")
     return {"teacher": teacher, "data": str(root / "kept"), "cache": str(root / "cache")}
@@ -44,37 +50,6 @@ def _tune_sets(setup, out, samples=4):
             "distill.train.num_workers=1", "distill.train.batch_size=4", "distill.train.eval_batches=2",
             "distill.train.warmup_steps=1", "distill.train.max_failures=1", "distill.student.init=random",
             "space.align_share=null", "space.init=[attention, random]"]
-
-
-def test_tune_sweep_runs_end_to_end_and_writes_a_valid_best_config(ray_local, setup, tmp_path):
-    from app.config import load_config
-    from app.distill.config import DistillConfig, TuneDistillConfig
-    from app.distill.tune import METRIC, apply_params, tune_distill
-
-    cfg = load_config(TuneDistillConfig, None, _tune_sets(setup, tmp_path / "sweep"))
-    res = tune_distill(cfg)
-    trials = res["trials"]
-    assert len(trials) == 4 and not any(t["error"] for t in trials), trials
-    assert res["total_steps"] == 6  # 768 tokens / (4 x 32) per step
-    assert any(t["status"] == "complete" for t in trials)
-    assert all(t[METRIC] > 0 for t in trials)
-    assert len({round(t["params"]["lr"], 12) for t in trials}) == 4  # Optuna proposed different values
-    for t in trials:  # each trial's own run log: reports every 2 steps with a held-out evaluation
-        with open(tmp_path / "sweep" / "trials" / t["trial_id"] / "metrics.jsonl") as f:
-            evals = [json.loads(line) for line in f if "eval_student_ppl" in line]
-        at = [e for e in evals if e["step"] == t["step"]]  # (a stopped trial may log a step past its last report)
-        assert at and at[-1]["eval_student_ppl"] == pytest.approx(t[METRIC])
-    best = min((t for t in trials if t["status"] == "complete"), key=lambda t: t[METRIC])
-    assert res["best"]["trial_id"] == best["trial_id"]
-    # the YAML is a complete distill config the distill job takes as is, with the best trial's values
-    loaded = load_config(DistillConfig, res["best_config"])
-    want = apply_params(cfg.distill, best["params"])
-    assert loaded.stages == want.stages and loaded.train.lr == pytest.approx(best["params"]["lr"])
-    assert loaded.student.init == best["params"]["init"]
-    assert sum((loaded.stages.align_tokens, loaded.stages.kd_tokens, loaded.stages.ce_tokens)) == 768
-    with open(tmp_path / "sweep" / "trials.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
-    assert any("events.out.tfevents" in n for _, _, fs in os.walk(tmp_path / "sweep" / "tune") for n in fs)
 
 
 def test_apply_params_splits_the_budget_in_whole_steps():
@@ -94,12 +69,17 @@ def test_apply_params_splits_the_budget_in_whole_steps():
     assert over.stages.kd_tokens == 0 and over.stages.align_tokens + over.stages.ce_tokens == 1000
 
 
-def test_an_interrupted_sweep_restores_and_finishes_every_trial(ray_local, setup, tmp_path):
+def test_a_sweep_interrupted_and_restored_finishes_every_trial_and_writes_a_valid_best_config(ray_local, setup,
+                                                                                               tmp_path):
     """The job runs in a subprocess joined to the test's Ray; SIGINT (Ctrl-C) stops it once one trial has
-    finished; running the job again with the same output restores the sweep (Tuner.restore), which ends with
-    all trials."""
+    finished; running it again with the same output restores the sweep (Tuner.restore), which ends with all
+    trials (ASHA on: some may be stopped early) and writes a best config the distill job takes as is."""
+    from app.config import load_config
+    from app.distill.config import DistillConfig, TuneDistillConfig
+    from app.distill.tune import METRIC, apply_params, tune_distill
+
     out = tmp_path / "sweep"
-    sets = _tune_sets(setup, out, samples=4) + ["asha.enabled=false"]
+    sets = _tune_sets(setup, out, samples=4)
     args = [sys.executable, os.path.join(ROOT, "jobs", "tune_distill.py")] + [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     log = open(tmp_path / "first.log", "w")
@@ -122,12 +102,28 @@ def test_an_interrupted_sweep_restores_and_finishes_every_trial(ray_local, setup
     assert 1 <= len(finished_first) < 4, finished_first  # interrupted with trials left
     assert not os.path.exists(out / "best.yaml")
 
-    from app.config import load_config
-    from app.distill.config import TuneDistillConfig
-    from app.distill.tune import tune_distill
-
-    res = tune_distill(load_config(TuneDistillConfig, None, sets))
+    cfg = load_config(TuneDistillConfig, None, sets)
+    res = tune_distill(cfg)
     assert res["resumed"]
-    assert len(res["trials"]) == 4 and all(t["status"] == "complete" for t in res["trials"]), res["trials"]
-    assert {t["trial_id"] for t in res["trials"]} >= set(finished_first)
-    assert os.path.isfile(res["best_config"])
+    trials = res["trials"]
+    assert len(trials) == 4 and not any(t["error"] for t in trials), trials
+    assert {t["trial_id"] for t in trials} >= set(finished_first)
+    assert res["total_steps"] == 6  # 768 tokens / (4 x 32) per step
+    assert any(t["status"] == "complete" for t in trials) and all(t[METRIC] > 0 for t in trials)
+    assert len({round(t["params"]["lr"], 12) for t in trials}) == 4  # Optuna proposed different values
+    for t in trials:  # each trial's own run log: held-out evaluations every 2 steps, the last one reported
+        with open(out / "trials" / t["trial_id"] / "metrics.jsonl") as f:
+            evals = [json.loads(line) for line in f if "eval_student_ppl" in line]
+        at = [e for e in evals if e["step"] == t["step"]]  # (a stopped trial may log a step past its last report)
+        assert at and at[-1]["eval_student_ppl"] == pytest.approx(t[METRIC])
+    best = min((t for t in trials if t["status"] == "complete"), key=lambda t: t[METRIC])
+    assert res["best"]["trial_id"] == best["trial_id"]
+    # the YAML is a complete distill config the distill job takes as is, with the best trial's values
+    loaded = load_config(DistillConfig, res["best_config"])
+    want = apply_params(cfg.distill, best["params"])
+    assert loaded.stages == want.stages and loaded.train.lr == pytest.approx(best["params"]["lr"])
+    assert loaded.student.init == best["params"]["init"]
+    assert sum((loaded.stages.align_tokens, loaded.stages.kd_tokens, loaded.stages.ce_tokens)) == 768
+    with open(out / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert any("events.out.tfevents" in n for _, _, fs in os.walk(out / "tune") for n in fs)  # the Tune dashboard

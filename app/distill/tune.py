@@ -144,7 +144,9 @@ def tune_distill(tcfg) -> dict:
         log.info("resuming the sweep in %s", exp)
         tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = (ASHAScheduler(time_attr="step", max_t=total_steps,
+        # max_t one past the last step: ASHA stops only the weak trials; one that reaches its budget ends on its
+        # own (a stop at max_t would kill it while its trainer is still shutting down)
+        scheduler = (ASHAScheduler(time_attr="step", max_t=total_steps + 1,
                                    grace_period=min(total_steps, tcfg.asha.grace_period * tcfg.report_every),
                                    reduction_factor=tcfg.asha.reduction_factor)
                      if tcfg.asha.enabled else FIFOScheduler())

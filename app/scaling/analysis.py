@@ -81,14 +81,15 @@ def _ci(values, level):
 
 
 def analyze(runs: dict, targets: Sequence[float], *, bootstrap: int = 100, level: float = 0.95, seed: int = 0,
-            workers: Optional[int] = None, grid: Optional[dict] = None) -> dict:
+            workers: Optional[int] = None, grid: Optional[dict] = None, top_inits: Optional[int] = None) -> dict:
     """Both fits on ``runs``; N*, D*, tokens per parameter and predicted loss at each target budget, with
-    bootstrap intervals (``bootstrap`` resamples; 0: none)."""
+    bootstrap intervals (``bootstrap`` resamples; 0: none). ``top_inits``: start the Approach 3 fit from only
+    the best grid points (None: all of them, as the paper)."""
     n, d, c, loss = runs["N"], runs["D"], runs["FLOPs"], runs["loss"]
     out: dict = {"runs": int(len(n)), "level": level, "targets": [float(t) for t in targets]}
     p3: Optional[ParametricFit] = None
     if len(n) >= 5:
-        p3 = fit_parametric(n, d, loss, grid=grid, workers=workers)
+        p3 = fit_parametric(n, d, loss, grid=grid, workers=workers, top_inits=top_inits)
         boots = bootstrap_parametric(n, d, loss, samples=bootstrap, seed=seed, grid=grid, fit=p3,
                                      workers=workers) if bootstrap else []
         out["approach3"] = {

@@ -221,8 +221,8 @@ def _bootstrap_chunk(n, d, loss, seeds, delta, grid, top_inits, theta) -> list:
         i = np.random.default_rng([seed]).integers(0, len(n), len(n))
         if len(np.unique(i)) < 5:
             continue
-        out.append(fit_parametric(n[i], d[i], loss[i], delta=delta, grid=grid, top_inits=top_inits,
-                                  extra_inits=[theta]))
+        out.append((seed, fit_parametric(n[i], d[i], loss[i], delta=delta, grid=grid, top_inits=top_inits,
+                                         extra_inits=[theta])))
     return out
 
 
@@ -237,12 +237,14 @@ def bootstrap_parametric(n, d, loss, *, samples: int = 200, seed: int = 0, delta
     seeds = [seed * 1_000_003 + k for k in range(samples)]
     pool = _pool(workers)
     if not pool or samples < 8:
-        return _bootstrap_chunk(n, d, loss, seeds, delta, grid, top_inits, fit.theta)
-    k = pool.workers
-    with pool:
-        parts = pool.map(_bootstrap_chunk, *zip(*[(n, d, loss, seeds[j::k], delta, grid, top_inits, fit.theta)
-                                                  for j in range(k)]))
-        return [f for part in parts for f in part]
+        done = _bootstrap_chunk(n, d, loss, seeds, delta, grid, top_inits, fit.theta)
+    else:
+        k = pool.workers
+        with pool:
+            parts = pool.map(_bootstrap_chunk, *zip(*[(n, d, loss, seeds[j::k], delta, grid, top_inits, fit.theta)
+                                                      for j in range(k)]))
+        done = sorted((p for part in parts for p in part), key=lambda p: p[0])  # in seed order, whatever the workers
+    return [f for _, f in done]
 
 
 def interval(values, level: float = 0.95) -> tuple[float, float]:

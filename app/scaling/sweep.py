@@ -65,6 +65,8 @@ class ScalingSweepConfig:
     """Trials at once (null: as many as the cluster's CPUs, or GPUs, fit at train.num_workers each)."""
     bootstrap: int = 100
     """Bootstrap resamples for the intervals (0: none)."""
+    fit_top_inits: Optional[int] = None
+    """Start the Approach 3 fit from the K best grid points only (null: all 4,500, as the paper)."""
 
     def __post_init__(self) -> None:
         _check(len(self.budgets) >= 3, "budgets", "an IsoFLOP fit needs at least 3 budgets")
@@ -113,7 +115,6 @@ def run_config(base: DistillConfig, run: dict, mode: str) -> DistillConfig:
     else:
         st.kd_tokens = run["D"]
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, run["steps"] // 5)
-    cfg.train.checkpoint_every = max(cfg.train.checkpoint_every, 1)
     cfg.train.eval_every = 0  # held-out loss at the end only
     return cfg
 
@@ -200,7 +201,7 @@ def sweep(scfg) -> dict:
     data = runs_from_columns({k: table.column(k).to_numpy(zero_copy_only=False)
                               for k in ("N", "D", "FLOPs", "loss", "budget")})
     targets = scfg.targets or [10 * max(scfg.budgets)]
-    result = analyze(data, targets, bootstrap=scfg.bootstrap)
+    result = analyze(data, targets, bootstrap=scfg.bootstrap, top_inits=scfg.fit_top_inits)
     result["paths"] = write_report(data, result, out)
     result["failed"] = errors
     result["runs_table"] = os.path.join(out, "runs.parquet")
@@ -208,14 +209,14 @@ def sweep(scfg) -> dict:
 
 
 def fit_file(path: str, targets: list[float], out_dir: Optional[str], bootstrap: int = 100,
-             workers: Optional[int] = None) -> dict:
+             workers: Optional[int] = None, top_inits: Optional[int] = None) -> dict:
     """``distillery scaling fit``: both fits on a runs table (Parquet or CSV)."""
     from app.scaling.analysis import analyze, load_runs, write_report
 
     data = load_runs(path)
     if not targets:
         targets = [10 * float(data["FLOPs"].max())]
-    result = analyze(data, targets, bootstrap=bootstrap, workers=workers)
+    result = analyze(data, targets, bootstrap=bootstrap, workers=workers, top_inits=top_inits)
     if out_dir:
         result["paths"] = write_report(data, result, out_dir)
     return result
