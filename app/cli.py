@@ -34,6 +34,28 @@ def _config(cls, args: argparse.Namespace):
         return None
 
 
+def _ray_job(name: str, cls, args: argparse.Namespace, run):
+    """The shape of the Ray jobs below: config from --config/--set, Ray started or joined, ``run(cfg)``.
+    Returns (cfg, result, None), or (cfg, None, exit code) after printing the error: 2 for bad input, 130 for a
+    sweep interrupted (run it again to resume)."""
+    cfg = _config(cls, args)
+    if cfg is None:
+        return None, None, 2
+    from app.distill.tune import SweepInterrupted
+    from app.models import ModelLoadError
+    from app.raystart import init_ray
+
+    init_ray(args.address, args.num_cpus)
+    try:
+        return cfg, run(cfg), None
+    except (FileNotFoundError, ValueError, ModelLoadError) as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return cfg, None, 2
+    except SweepInterrupted as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return cfg, None, 130
+
+
 def cmd_refine(args: argparse.Namespace) -> int:
     from app.config import RefineConfig
 
@@ -137,20 +159,11 @@ def cmd_delta(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from app.distill.config import DistillConfig
-
-    cfg = _config(DistillConfig, args)
-    if cfg is None:
-        return 2
     from app.distill.train import distill
-    from app.models import ModelLoadError
-    from app.raystart import init_ray
 
-    init_ray(args.address, args.num_cpus)
-    try:
-        result = distill(cfg)
-    except (FileNotFoundError, ValueError, ModelLoadError) as e:
-        print(f"distill: {e}", file=sys.stderr)
-        return 2
+    _, result, code = _ray_job("distill", DistillConfig, args, distill)
+    if code is not None:
+        return code
     ppl = (f"  held-out perplexity: student {result['eval_student_ppl']:.2f}, teacher {result['eval_teacher_ppl']:.2f}"
            if result.get("eval_student_ppl") is not None else "")
     print(f"student: {result['student']}  ({result.get('step')} steps, {result.get('tokens')} tokens){ppl}")
@@ -159,23 +172,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_tune_distill(args: argparse.Namespace) -> int:
     from app.distill.config import TuneDistillConfig
+    from app.distill.tune import METRIC, tune_distill
 
-    cfg = _config(TuneDistillConfig, args)
-    if cfg is None:
-        return 2
-    from app.distill.tune import METRIC, SweepInterrupted, tune_distill
-    from app.models import ModelLoadError
-    from app.raystart import init_ray
-
-    init_ray(args.address, args.num_cpus)
-    try:
-        res = tune_distill(cfg)
-    except (FileNotFoundError, ValueError, ModelLoadError) as e:
-        print(f"tune-distill: {e}", file=sys.stderr)
-        return 2
-    except SweepInterrupted as e:
-        print(f"tune-distill: {e}", file=sys.stderr)
-        return 130
+    cfg, res, code = _ray_job("tune-distill", TuneDistillConfig, args, tune_distill)
+    if code is not None:
+        return code
     b = res["best"]
     done = sum(t["status"] == "complete" for t in res["trials"])
     stopped = sum(t["status"] == "stopped" for t in res["trials"])
@@ -189,13 +190,18 @@ def cmd_tune_distill(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
-def _tune_args(sub) -> None:
-    p = sub.add_parser("tune-distill", help="Ray Tune (Optuna + ASHA) over distillation loss weights and stages")
-    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/tune_distill.yaml)")
+def _job_args(p: argparse.ArgumentParser, yaml_name: str, example: str) -> None:
+    """--config, --set, --address, --num-cpus: the options of a job run from a config."""
+    p.add_argument("--config", metavar="FILE", help=f"YAML config (see configs/{yaml_name})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override one config value, e.g. --set num_samples=16; repeatable")
+                   help=f"override one config value, e.g. --set {example}; repeatable")
     p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+
+
+def _tune_args(sub) -> None:
+    p = sub.add_parser("tune-distill", help="Ray Tune (Optuna + ASHA) over distillation loss weights and stages")
+    _job_args(p, "tune_distill.yaml", "num_samples=16")
     p.set_defaults(fn=cmd_tune_distill)
 
 
@@ -214,22 +220,9 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     else:
         from app.scaling.sweep import ScalingSweepConfig, sweep
 
-        cfg = _config(ScalingSweepConfig, args)
-        if cfg is None:
-            return 2
-        from app.distill.tune import SweepInterrupted
-        from app.models import ModelLoadError
-        from app.raystart import init_ray
-
-        init_ray(args.address, args.num_cpus)
-        try:
-            res = sweep(cfg)
-        except (FileNotFoundError, ValueError, ModelLoadError) as e:
-            print(f"scaling sweep: {e}", file=sys.stderr)
-            return 2
-        except SweepInterrupted as e:
-            print(f"scaling sweep: {e}", file=sys.stderr)
-            return 130
+        _, res, code = _ray_job("scaling sweep", ScalingSweepConfig, args, sweep)
+        if code is not None:
+            return code
         print(f"runs: {res['runs_table']}  ({res['runs']} runs, {len(res['failed'])} failed)")
     print("\n".join(summary_lines(res)))
     if res.get("paths"):
@@ -241,10 +234,7 @@ def _scaling_args(sub) -> None:
     p = sub.add_parser("scaling", help="Chinchilla scaling: sweep (IsoFLOP grid on Ray Tune) | fit RUNS table")
     acts = p.add_subparsers(dest="action", required=True)
     s = acts.add_parser("sweep", help="train a grid of student sizes x budgets, then fit (see configs/scaling.yaml)")
-    s.add_argument("--config", metavar="FILE")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
-    s.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
-    s.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    _job_args(s, "scaling.yaml", "mode=distill")
     f = acts.add_parser("fit", help="fit Approach 3 and Approach 2 to a runs table (.parquet or .csv)")
     f.add_argument("runs", metavar="RUNS", help="table with model size, tokens and/or training FLOPs, and loss")
     f.add_argument("--target", type=float, action="append", default=[],
@@ -259,11 +249,7 @@ def _scaling_args(sub) -> None:
 
 def _distill_args(sub) -> None:
     p = sub.add_parser("distill", help="distill a teacher Transformer into a Mamba-2 student (Ray Train)")
-    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/distill.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override one config value, e.g. --set train.num_workers=4; repeatable")
-    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    _job_args(p, "distill.yaml", "train.num_workers=4")
     p.set_defaults(fn=cmd_distill)
 
 

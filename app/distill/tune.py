@@ -107,14 +107,14 @@ def _trial(params: dict, base: dict, root: str, report_every: int) -> None:
     distill(cfg, callbacks=(TuneReportCallback(),), export=False)
 
 
-def _concurrency(tcfg) -> int:
+def trial_concurrency(explicit, train_cfg) -> int:
+    """``explicit``, or as many trials as the cluster's CPUs (GPUs) hold at ``train_cfg.num_workers`` each."""
     import ray
 
-    if tcfg.max_concurrent_trials:
-        return tcfg.max_concurrent_trials
-    tc = tcfg.distill.train
-    have = ray.cluster_resources().get("GPU" if tc.use_gpu else "CPU", 1)
-    return max(1, int(have // tc.num_workers))
+    if explicit:
+        return explicit
+    have = ray.cluster_resources().get("GPU" if train_cfg.use_gpu else "CPU", 1)
+    return max(1, int(have // train_cfg.num_workers))
 
 
 def tune_distill(tcfg) -> dict:
@@ -154,7 +154,8 @@ def tune_distill(tcfg) -> dict:
             trainable, param_space=param_space(tcfg.space),
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", search_alg=OptunaSearch(seed=tcfg.seed),
                                         scheduler=scheduler, num_samples=tcfg.num_samples,
-                                        max_concurrent_trials=_concurrency(tcfg)),
+                                        max_concurrent_trials=trial_concurrency(tcfg.max_concurrent_trials,
+                                                                                          tcfg.distill.train)),
             run_config=tune.RunConfig(name="tune", storage_path=out),
         )
     grid = tuner.fit()
@@ -174,6 +175,7 @@ def tune_distill(tcfg) -> dict:
     best = min(full or ok, key=lambda t: t[METRIC])  # a trial stopped early is compared only when none finished
     best_cfg = apply_params(tcfg.distill, best["params"])
     best_cfg.output = os.path.join(out, "best")
+    best_cfg.data.cache_dir = base.data.cache_dir  # the sweep's packed data (and top-k cache)
     best_path = os.path.join(out, "best.yaml")
     with open(best_path, "w") as f:
         f.write(f"# best of {len(trials)} trials ({best['trial_id']}: held-out perplexity {best[METRIC]:.4g} at "

@@ -41,19 +41,30 @@ class SizeConfig:
         _check(self.hidden_size >= 1 and self.num_layers >= 1, "sizes", "hidden_size and num_layers must be >= 1")
 
 
+def cpu_sized_base() -> DistillConfig:
+    """The default base run: small students a 2-core CPU trains in minutes (sequences of 128, one worker of
+    batch 4 per trial, SSM heads of 16, held-out loss on 16 batches), randomly initialised."""
+    from app.distill.config import DataConfig, StudentConfig, TrainConfig
+
+    return DistillConfig(data=DataConfig(seq_len=128),
+                         student=StudentConfig(init="random", head_dim=16, state_size=16),
+                         train=TrainConfig(num_workers=1, batch_size=4, lr=3e-3, warmup_steps=10, checkpoint_every=200,
+                                           eval_batches=16, eval_teacher=False))
+
+
 @dataclass
 class ScalingSweepConfig:
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillConfig = field(default_factory=cpu_sized_base)
     """The base run: teacher (its tokenizer and vocabulary; the teacher itself in mode distill), data, the SSM
     shape (student.head_dim, state_size, ...), batch size, learning rate, workers per trial."""
     output: str = "out/scaling"
     """Sweep directory (see the module doc)."""
     mode: Literal["lm", "distill"] = "lm"
     """lm: next-token cross-entropy; distill: KD from the teacher (stage kd)."""
-    sizes: list[SizeConfig] = field(default_factory=lambda: [SizeConfig(32, 1), SizeConfig(48, 2), SizeConfig(64, 2),
-                                                             SizeConfig(96, 3), SizeConfig(128, 4)])
+    sizes: list[SizeConfig] = field(default_factory=lambda: [SizeConfig(16, 1), SizeConfig(32, 1), SizeConfig(48, 2),
+                                                             SizeConfig(64, 2), SizeConfig(96, 3)])
     """Student sizes tried at every budget."""
-    budgets: list[float] = field(default_factory=lambda: [2e12, 5e12, 1.2e13])
+    budgets: list[float] = field(default_factory=lambda: [3e11, 7.5e11, 1.9e12])
     """Training FLOPs of each IsoFLOP profile (at least 3)."""
     targets: list[float] = field(default_factory=list)
     """Budgets to report N* and D* for (empty: 10x the largest budget)."""
@@ -131,15 +142,6 @@ def _trial(params: dict, base: dict, root: str, mode: str) -> None:
     distill(cfg, callbacks=(TuneReportCallback(),), export=False)
 
 
-def _concurrency(scfg) -> int:
-    import ray
-
-    if scfg.max_concurrent_trials:
-        return scfg.max_concurrent_trials
-    tc = scfg.distill.train
-    return max(1, int(ray.cluster_resources().get("GPU" if tc.use_gpu else "CPU", 1) // tc.num_workers))
-
-
 def sweep(scfg) -> dict:
     """Run (or resume) the sweep, write runs.parquet and the fit report; returns the analysis."""
     import pyarrow as pa
@@ -149,7 +151,7 @@ def sweep(scfg) -> dict:
 
     from app.config import to_dict
     from app.distill.train import absolute_paths, prepare
-    from app.distill.tune import DRIVER_RESOURCES, finished_or_raise
+    from app.distill.tune import DRIVER_RESOURCES, finished_or_raise, trial_concurrency
     from app.models import load_model_config
     from app.scaling.analysis import analyze, runs_from_columns, write_report
 
@@ -177,7 +179,8 @@ def sweep(scfg) -> dict:
         tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space={"run": tune.grid_search(runs)},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(scfg)),
+                           tune_config=tune.TuneConfig(
+                               max_concurrent_trials=trial_concurrency(scfg.max_concurrent_trials, base.train)),
                            run_config=tune.RunConfig(name="tune", storage_path=out))
     grid = tuner.fit()
     finished_or_raise(grid, len(runs), exp)
