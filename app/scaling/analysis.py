@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from app.scaling.chinchilla import (IsoFlopFit, ParametricFit, bootstrap_isoflop, bootstrap_parametric,
+from app.scaling.chinchilla import (ParametricFit, bootstrap_isoflop, bootstrap_parametric,
                                     fit_isoflop, fit_parametric, interval)
 
 log = logging.getLogger(__name__)

@@ -94,19 +94,24 @@ class ParametricFit:
 
     @property
     def theta(self) -> np.ndarray:
-        return np.array([math.log(self.A), math.log(self.B), math.log(self.E), self.alpha, self.beta])
+        with np.errstate(divide="ignore"):
+            return np.array([*np.log([self.A, self.B, self.E]), self.alpha, self.beta])
 
     def predict(self, n, d):
         n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
-        return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
+        with np.errstate(all="ignore"):
+            return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
 
     def optimal(self, flops: float) -> dict:
         """N*, D* minimising L under C = 6 N D; tokens per parameter and the predicted loss."""
         s = self.alpha + self.beta
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s)
-        n = g * (flops / 6.0) ** (self.beta / s)
-        d = (flops / 6.0) ** (self.alpha / s) / g
-        return {"flops": flops, "N": n, "D": d, "tokens_per_param": d / n, "loss": float(self.predict(n, d))}
+        with np.errstate(all="ignore"):  # a degenerate fit gives nan/inf here, which intervals leave out
+            g = np.float64(self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s)
+            n = float(g * np.float64(flops / 6.0) ** (self.beta / s))
+            d = float(np.float64(flops / 6.0) ** (self.alpha / s) / g)
+            if not (0 < n < math.inf and 0 < d < math.inf):
+                n = d = float("nan")
+            return {"flops": flops, "N": n, "D": d, "tokens_per_param": d / n, "loss": float(self.predict(n, d))}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,8 +216,10 @@ def fit_parametric(n, d, loss, *, delta: float = HUBER_DELTA, grid: Optional[dic
     if best_x is None:
         raise RuntimeError("the parametric fit did not converge from any initialisation")
     a, b, e, alpha, beta = best_x
-    return ParametricFit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta),
-                         objective=best_f, runs=len(args[0]), inits=len(inits))
+    with np.errstate(over="ignore"):  # a degenerate resample can run off to A or B = inf (dropped from intervals)
+        big_e, big_a, big_b = (float(np.exp(x)) for x in (e, a, b))
+    return ParametricFit(E=big_e, A=big_a, B=big_b, alpha=float(alpha), beta=float(beta), objective=best_f,
+                         runs=len(args[0]), inits=len(inits))
 
 
 def _bootstrap_chunk(n, d, loss, seeds, delta, grid, top_inits, theta) -> list:
@@ -299,9 +306,10 @@ class IsoFlopFit:
     d_coef: float = float("nan")
 
     def optimal(self, flops: float) -> dict:
-        n = self.n_coef * flops ** self.n_exponent
-        d = self.d_coef * flops ** self.d_exponent
-        return {"flops": flops, "N": n, "D": d, "tokens_per_param": d / n}
+        with np.errstate(all="ignore"):
+            n = float(self.n_coef * np.float64(flops) ** self.n_exponent)
+            d = float(self.d_coef * np.float64(flops) ** self.d_exponent)
+            return {"flops": flops, "N": n, "D": d, "tokens_per_param": d / n if n else float("nan")}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -319,10 +327,12 @@ def _profile(c: float, n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> IsoFlo
         p.why_not = "the parabola opens downward (no minimum)"
         return p
     xv = -p1 / (2 * p2)
-    p.n_opt = float(math.exp(xv))
+    with np.errstate(over="ignore"):
+        p.n_opt = float(np.exp(xv))
     p.loss_opt = float(p0 - p1 * p1 / (4 * p2))
     s, i = np.polyfit(x, np.log(d), 1)  # this profile's D(N) in log-log
-    p.d_opt = float(math.exp(i + s * xv))
+    with np.errstate(over="ignore"):
+        p.d_opt = float(np.exp(i + s * xv))
     p.inside = bool(x.min() <= xv <= x.max())
     p.used = True
     return p
@@ -344,7 +354,8 @@ def fit_isoflop(n, d, flops, loss, budget=None, rtol: float = 0.1) -> IsoFlopFit
         lc = np.log([p.flops for p in used])
         fit.n_exponent, ln_kn = (float(v) for v in np.polyfit(lc, np.log([p.n_opt for p in used]), 1))
         fit.d_exponent, ln_kd = (float(v) for v in np.polyfit(lc, np.log([p.d_opt for p in used]), 1))
-        fit.n_coef, fit.d_coef = math.exp(ln_kn), math.exp(ln_kd)
+        with np.errstate(over="ignore"):  # resamples with far-off vertices can overflow: inf, left out of intervals
+            fit.n_coef, fit.d_coef = float(np.exp(ln_kn)), float(np.exp(ln_kd))
     return fit
 
 
