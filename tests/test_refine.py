@@ -218,12 +218,19 @@ def test_two_node_cluster_run_equals_one_node_run(corpus, run1):
     assert canonical(out) == canonical(run1[0])
 
 
-def _free_port():
+def _free_ports(n):
+    """n distinct free ports on 127.0.0.1 (all sockets held open until every port is picked: one at a time,
+    the kernel handed out the same port twice and the head refused to start)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_ray_job_submit_against_a_running_head(corpus, run1, tmp_path):
@@ -236,7 +243,7 @@ def test_ray_job_submit_against_a_running_head(corpus, run1, tmp_path):
     ray_cli = os.path.join(bin_dir, "ray")
     env = _env()
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "PATH": bin_dir + os.pathsep + env["PATH"]})
-    port, dash, agent, agent_grpc, rtenv, metrics, client = (_free_port() for _ in range(7))
+    port, dash, agent, agent_grpc, rtenv, metrics, client = _free_ports(7)
     import tempfile
 
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
@@ -271,9 +278,11 @@ def test_ray_job_submit_against_a_running_head(corpus, run1, tmp_path):
         assert "succeeded" in (job.stdout + job.stderr).lower()
         assert f"report: {out}/report.html" in job.stdout
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
         try:
+            os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=60)
+        except ProcessLookupError:  # the head already exited (its log says why)
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)

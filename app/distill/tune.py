@@ -42,9 +42,14 @@ class SweepInterrupted(RuntimeError):
     """The sweep stopped (Ctrl-C, SIGTERM) with trials unfinished; running it again resumes it."""
 
 
-def finished_or_raise(grid, expected: int, exp: str) -> None:
-    """Raise SweepInterrupted unless all ``expected`` trials ended (finished, stopped early or failed)."""
-    done = grid.num_terminated + grid.num_errors
+def finished_or_raise(expected: int, exp: str) -> None:
+    """Raise SweepInterrupted unless all ``expected`` trials ended (finished, stopped early or failed) in the
+    experiment state saved at ``exp``. (After Ctrl-C, Tune's in-memory trials read TERMINATED although the
+    saved state, which a restore resumes, keeps them PENDING.)"""
+    from ray.tune import ExperimentAnalysis
+
+    statuses = [t.status for t in ExperimentAnalysis(exp).trials]
+    done = sum(st in ("TERMINATED", "ERROR") for st in statuses)
     if done < expected:
         raise SweepInterrupted(f"interrupted with {done} of {expected} trials ended; run the same command again to "
                                f"resume the sweep in {exp}")
@@ -159,7 +164,7 @@ def tune_distill(tcfg) -> dict:
             run_config=tune.RunConfig(name="tune", storage_path=out),
         )
     grid = tuner.fit()
-    finished_or_raise(grid, tcfg.num_samples, exp)
+    finished_or_raise(tcfg.num_samples, exp)
     trials = []
     for r in grid:
         m = r.metrics or {}

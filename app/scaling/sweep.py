@@ -183,7 +183,7 @@ def sweep(scfg) -> dict:
                                max_concurrent_trials=trial_concurrency(scfg.max_concurrent_trials, base.train)),
                            run_config=tune.RunConfig(name="tune", storage_path=out))
     grid = tuner.fit()
-    finished_or_raise(grid, len(runs), exp)
+    finished_or_raise(len(runs), exp)
     rows, errors = [], []
     for r in grid:
         run = r.config["run"]
