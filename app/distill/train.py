@@ -225,7 +225,7 @@ def train_loop(config: dict) -> None:
 
         topk_reader = TopKRows(topk_rows["files"], topk_rows["k"])
     loss_w = {"align_weight": sc.align_weight, "kd_weight": sc.kd_weight, "kd_ce_weight": sc.kd_ce_weight,
-               "temperature": sc.temperature}
+              "temperature": sc.temperature}
     taps = TeacherTaps(teacher.model) if plan.steps["align"] > start else None
     writer = None
     if rank == 0:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -369,22 +370,10 @@ def bootstrap_isoflop(n, d, flops, loss, budget=None, *, samples: int = 1000, se
     out = []
     for _ in range(samples):
         i = np.concatenate([rng.choice(g, len(g), replace=True) for g in groups])
-        with np.errstate(all="ignore"), _quiet_polyfit():
+        # np.polyfit warns (RankWarning) on resamples that repeat one size; those profiles are dropped anyway
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             f = fit_isoflop(n[i], d[i], c[i], loss[i], labels[i])
         if np.isfinite(f.n_exponent):
             out.append(f)
     return out
-
-
-class _quiet_polyfit:
-    """np.polyfit warns (RankWarning) on resamples that repeat one size; those profiles are dropped anyway."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
