@@ -247,6 +247,80 @@ def _scaling_args(sub) -> None:
     p.set_defaults(fn=cmd_scaling)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from app.config import ConfigError, load_config
+    from app.models import ModelLoadError
+    from app.serve.config import ServeConfig
+
+    sets = [f"model={args.model}"] if args.model else []
+    sets += [f"port={args.port}"] if args.port is not None else []
+    sets += [f"host={args.host}"] if args.host is not None else []
+    if args.replicas is not None:
+        sets += [f"deployment.replicas={args.replicas}", "deployment.autoscale.enabled=false"]
+    if args.autoscale:
+        lo, _, hi = args.autoscale.partition(":")
+        if not (lo.isdigit() and hi.isdigit()):
+            print(f"serve: --autoscale wants MIN:MAX replicas, got {args.autoscale!r}", file=sys.stderr)
+            return 2
+        sets += ["deployment.autoscale.enabled=true", f"deployment.autoscale.min_replicas={lo}",
+                 f"deployment.autoscale.max_replicas={hi}"]
+    try:
+        cfg = load_config(ServeConfig, args.config, [*args.overrides, *sets])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from ray import serve
+
+    from app.raystart import init_ray
+    from app.serve.server import check_model, start
+
+    try:
+        check_model(cfg.model)
+    except (FileNotFoundError, ModelLoadError) as e:
+        print(f"serve: {e}", file=sys.stderr)
+        return 2
+    init_ray(args.address, args.num_cpus)
+    try:
+        url = start(cfg)
+    except RuntimeError as e:  # a replica failed to start (its error is in the message)
+        print(f"serve: the deployment failed: {' '.join(str(e).split())[:2000]}", file=sys.stderr)
+        return 1
+    print(f"serving {cfg.model} as '{cfg.served_name}' at {url}  (try: curl {url}/models)", flush=True)
+    if args.detach:
+        print("detached: the application keeps running on the cluster (serve shutdown -y to stop it)")
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop` and `kill` end it as Ctrl-C does
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("serve: shutting down", file=sys.stderr)
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def _serve_args(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model (Ray Serve), e.g. the distilled student")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="save_pretrained dir, GGUF file, smollm2 or hub id "
+                   "(default: the config's model)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1; anything wider wants an API key)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
+    p.add_argument("--detach", action="store_true", help="deploy and exit (the app stays up on the cluster)")
+    _job_args(p, "serve.yaml", "batch.max_batch_size=16")
+    p.set_defaults(fn=cmd_serve)
+
+
 def _distill_args(sub) -> None:
     p = sub.add_parser("distill", help="distill a teacher Transformer into a Mamba-2 student (Ray Train)")
     _job_args(p, "distill.yaml", "train.num_workers=4")
@@ -314,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     _distill_args(sub)
     _tune_args(sub)
     _scaling_args(sub)
+    _serve_args(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

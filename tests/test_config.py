@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _config_classes():
     from app.distill.config import DistillConfig, TuneDistillConfig
     from app.scaling.sweep import ScalingSweepConfig
+    from app.serve.config import ServeConfig
 
     return [("refine.yaml", RefineConfig), ("distill.yaml", DistillConfig), ("tune_distill.yaml", TuneDistillConfig),
-            ("scaling.yaml", ScalingSweepConfig)]
+            ("scaling.yaml", ScalingSweepConfig), ("serve.yaml", ServeConfig)]
 
 
 @pytest.mark.parametrize("name,cls", _config_classes())

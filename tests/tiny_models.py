@@ -60,3 +60,29 @@ def tiny_detoxify(root: str, seed: int = 0, max_length: int = 32) -> tuple[str, 
                            "dataset": {"args": {"classes": DETOX_CLASSES}}},
                 "state_dict": model.state_dict()}, ckpt)
     return ckpt, hf_dir
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+def tiny_mamba2(path: str, seed: int = 0, head_scale: float = 10.0) -> str:
+    """A 2-layer Mamba2ForCausalLM (width 32) with the word-level tokenizer and a chat template, saved with
+    save_pretrained: a stand-in for a distilled student. ``head_scale`` sharpens its random logits so that greedy
+    decoding has clear winners (top-2 gaps far above float noise)."""
+    import torch
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    cfg = Mamba2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                       state_size=16, n_groups=1, expand=2, conv_kernel=4, chunk_size=8,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Mamba2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,127 @@
+"""Typed config of the server (``configs/serve.yaml`` and the ``args`` of ``cluster/serve.yaml`` mirror it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from app.config import _check
+
+
+@dataclass
+class AutoscaleConfig:
+    enabled: bool = False
+    """Scale replicas with load (Ray Serve autoscaling) instead of a fixed `deployment.replicas`."""
+    min_replicas: int = 1
+    """Never fewer replicas than this (0: scale to zero when idle; the first request then waits for a load)."""
+    max_replicas: int = 4
+    """Never more replicas than this."""
+    target_ongoing_requests: float = 16.0
+    """Requests in flight per replica the autoscaler aims for (about the batch size: a full batch each)."""
+    upscale_delay_s: float = 10.0
+    """Load must stay high this long before a replica is added."""
+    downscale_delay_s: float = 300.0
+    """Load must stay low this long before a replica is removed."""
+
+    def __post_init__(self) -> None:
+        _check(self.min_replicas >= 0, "deployment.autoscale.min_replicas", "must be >= 0")
+        _check(self.max_replicas >= max(self.min_replicas, 1), "deployment.autoscale.max_replicas",
+               "must be >= min_replicas and >= 1")
+        _check(self.target_ongoing_requests > 0, "deployment.autoscale.target_ongoing_requests", "must be > 0")
+
+
+@dataclass
+class DeploymentConfig:
+    replicas: int = 1
+    """Replicas of the model (each loads its own copy), when autoscaling is off."""
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    """Autoscaling bounds (used when `enabled`)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per replica (its torch threads on CPU)."""
+    num_gpus: float = 0.0
+    """GPUs per replica (a fraction shares one GPU between replicas)."""
+    max_ongoing_requests: int = 64
+    """Requests one replica takes at once (queued, streaming or in a batch); more wait at the proxy.
+    At least `batch.max_batch_size`."""
+
+    def __post_init__(self) -> None:
+        _check(self.replicas >= 1, "deployment.replicas", "must be >= 1")
+        _check(self.num_cpus >= 0, "deployment.num_cpus", "must be >= 0")
+        _check(self.num_gpus >= 0, "deployment.num_gpus", "must be >= 0")
+        _check(self.max_ongoing_requests >= 1, "deployment.max_ongoing_requests", "must be >= 1")
+
+
+@dataclass
+class BatchConfig:
+    max_batch_size: int = 32
+    """Sequences (requests x n) decoded together in one batch (Ray Serve @serve.batch). 1: no batching."""
+    batch_wait_timeout_s: float = 0.01
+    """How long the first request of a batch waits for others to join."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch_size >= 1, "batch.max_batch_size", "must be >= 1")
+        _check(self.batch_wait_timeout_s >= 0, "batch.batch_wait_timeout_s", "must be >= 0")
+
+
+@dataclass
+class LimitsConfig:
+    max_prompt_tokens: int = 2048
+    """Longer prompts are refused (400, code context_length_exceeded)."""
+    max_tokens: int = 1024
+    """The largest `max_tokens` a request may ask for (400 above it)."""
+    default_max_tokens: int = 256
+    """Chat completions without `max_tokens` get this many (completions default to 16, as OpenAI's)."""
+    max_n: int = 8
+    """The largest `n` (choices per prompt)."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies larger than this are refused (413)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n", "max_body_bytes"):
+            _check(getattr(self, name) >= 1, f"limits.{name}", "must be >= 1")
+        _check(self.default_max_tokens <= self.max_tokens, "limits.default_max_tokens", "must be <= limits.max_tokens")
+
+
+@dataclass
+class ServeConfig:
+    model: str = "out/distill/student"
+    """The model: a save_pretrained directory (the distilled student: `OUTPUT/student`), a GGUF file,
+    `smollm2`, or a hub id. Any HF causal LM works."""
+    model_name: Optional[str] = None
+    """The id clients send as `model` and /v1/models lists (null: the directory's or file's name)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when the replica has a GPU."""
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Weights' dtype (null: bfloat16 on CUDA, float32 on CPU)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy listens on. Keep 127.0.0.1 unless a gateway in front needs more, and then set an API key."""
+    port: int = 8000
+    """HTTP port."""
+    route_prefix: str = "/"
+    """The API lives under this prefix (/v1/... below it)."""
+    api_key_env: Optional[str] = "DISTILLERY_API_KEY"
+    """When this environment variable is set on the replica's node, every /v1 request needs
+    `Authorization: Bearer <its value>` (401 otherwise). /health stays open."""
+    api_key_file: Optional[str] = None
+    """Or read the key from this file (e.g. a mounted Kubernetes secret); it wins over `api_key_env`."""
+    require_api_key: bool = False
+    """Refuse to start without a key (for anything reachable beyond this machine)."""
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    """Replicas, autoscaling and resources per replica."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Dynamic batching."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Request limits."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model", "must be given")
+        _check(0 <= self.port < 65536, "port", "must be a port number")
+        _check(self.route_prefix.startswith("/"), "route_prefix", "must start with /")
+        _check(self.deployment.max_ongoing_requests >= self.batch.max_batch_size, "deployment.max_ongoing_requests",
+               "must be >= batch.max_batch_size (a replica could never fill a batch)")
+
+    @property
+    def served_name(self) -> str:
+        import os
+
+        return self.model_name or os.path.basename(os.path.normpath(self.model)) or self.model

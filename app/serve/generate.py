@@ -1,0 +1,267 @@
+"""Batched sampling with the model's own cache: the engine behind the OpenAI-compatible server.
+
+``Engine.run(rows)`` left-pads the prompts of many requests into one batch and runs transformers' ``generate``
+once: the prompts are prefilled in one forward, and every later step feeds one token per row with the cache
+(Mamba-2: the recurrent SSM state and the conv window, so a step costs O(1) in the sequence length; attention
+models: the KV cache). Left padding is exact for Mamba-2: the padded positions are zeroed before the input
+projection and after the convolution, so they leave the state at zero.
+
+What ``generate`` does not do per row is ours, in two hooks:
+
+* ``RowSampler`` (a logits processor) draws each row's token with the row's own temperature, top-p and seeded
+  ``torch.Generator`` and returns scores whose argmax is that draw, so ``generate`` runs in greedy mode and a
+  row at temperature 0 is plain greedy decoding (token for token what ``model.generate(do_sample=False)`` gives);
+* ``RowStopper`` (a stopping criterion) ends each row at its own ``max_tokens``, EOS or stop string, turns new
+  tokens into text (incremental detokenization: a small window of tokens decoded twice, as TGI and vLLM do, so
+  a step costs O(1); incomplete UTF-8 and a possible stop-string prefix are held back) and hands each delta to
+  the row's ``sink`` as it comes, which is what streaming is built on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+
+# vLLM's window for incremental detokenization: decode from a few tokens back so merges and spaces come out right
+_PREFIX_TOKENS = 5
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    """New tokens at most (the row ends with finish_reason "length")."""
+    temperature: float = 1.0
+    """0: greedy; otherwise logits / temperature before the softmax."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the row; the text returned stops before the first one (finish_reason "stop")."""
+    seed: Optional[int] = None
+    """Seed of the row's own generator (None: drawn from os.urandom)."""
+    ignore_eos: bool = False
+    """Go on past EOS to max_tokens (vLLM's extension; for benchmarks with fixed output lengths)."""
+
+
+Sink = Callable[[str, Optional[str]], None]
+
+
+@dataclass
+class Row:
+    """One sequence to generate: a prompt (token ids) and its sampling. The engine fills in the rest."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Optional[Sink] = None
+    """Called from the engine's thread with (text delta, finish_reason or None) as text becomes final."""
+    cancelled: bool = False
+    """Set from outside (a client went away): the row stops at the next step."""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None
+    # incremental detokenization (offsets into prompt_ids + token_ids) and the text not yet released
+    _prefix: int = 0
+    _read: int = 0
+    _pending: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def nucleus_probs(logits: Any, temperature: float, top_p: float) -> Any:
+    """softmax(logits / T) (V,) cut to the top-p nucleus and renormalised: tokens in order of probability while
+    the mass before them is below top_p (the most likely token always stays)."""
+    import torch
+
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = (torch.cumsum(sorted_p, 0) - sorted_p) < top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample_row(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
+    """One token from ``logits`` (V,): the argmax at temperature 0, else a draw from ``nucleus_probs``."""
+    import torch
+
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(nucleus_probs(logits, temperature, top_p), 1, generator=generator))
+
+
+class RowSampler:
+    """Logits processor: each row drawn with its own params and generator; the draw becomes the argmax."""
+
+    def __init__(self, rows: list[Row], device: Any):
+        import torch
+
+        self.rows = rows
+        self.gens = []
+        for r in rows:
+            g = torch.Generator(device=device)
+            g.manual_seed(r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            self.gens.append(g)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:  # (B, T), (B, V) -> (B, V)
+        import torch
+
+        out = None
+        for i, (r, g) in enumerate(zip(self.rows, self.gens)):
+            if r.params.temperature == 0 or r.done:
+                continue  # greedy rows (and finished ones) keep their scores: generate takes the argmax
+            tok = sample_row(scores[i], r.params.temperature, r.params.top_p, g)
+            if out is None:
+                out = scores.clone()
+            out[i].fill_(-float("inf"))
+            out[i, tok] = 0.0
+        return scores if out is None else out
+
+
+class RowStopper:
+    """Stopping criterion: per-row max_tokens / EOS / stop strings / cancellation, and the text deltas."""
+
+    def __init__(self, rows: list[Row], tokenizer: Any, eos_ids: set[int]):
+        self.rows, self.tok, self.eos = rows, tokenizer, eos_ids
+        for r in rows:
+            r._prefix = max(len(r.prompt_ids) - _PREFIX_TOKENS, 0)
+            r._read = len(r.prompt_ids)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # (B, T) -> (B,) bool
+        import torch
+
+        new = input_ids[:, -1].tolist()
+        done = []
+        for r, t in zip(self.rows, new):
+            if not r.done:
+                self._step(r, int(t))
+            done.append(r.done)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _step(self, r: Row, token: int) -> None:
+        if r.cancelled:
+            self._finish(r, "cancelled", flush=False)
+            return
+        r.token_ids.append(token)
+        if token in self.eos and not r.params.ignore_eos:
+            self._finish(r, "stop")
+            return
+        ids = r.prompt_ids + r.token_ids
+        before = self._decode(ids[r._prefix:r._read])
+        now = self._decode(ids[r._prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):  # else: wait for the rest of a UTF-8 character
+            r._pending += now[len(before):]
+            r._prefix, r._read = r._read, len(ids)
+        if self._cut_at_stop(r):
+            self._finish(r, "stop", flush=False)
+        elif len(r.token_ids) >= r.params.max_tokens:
+            self._finish(r, "length")
+        else:  # release what cannot be the start of a stop string
+            hold = max((k for s in r.params.stop for k in range(1, len(s)) if r._pending.endswith(s[:k])), default=0)
+            self._emit(r, r._pending[: len(r._pending) - hold])
+
+    def _cut_at_stop(self, r: Row) -> bool:
+        hits = [i for i in (r._pending.find(s) for s in r.params.stop) if i >= 0]
+        if hits:
+            r._pending = r._pending[: min(hits)]
+        return bool(hits)
+
+    def _emit(self, r: Row, delta: str, finish: Optional[str] = None) -> None:
+        r._pending = r._pending[len(delta):]
+        r.text += delta
+        r.finish_reason = finish
+        if r.sink is not None and (delta or finish is not None):
+            r.sink(delta, finish)
+
+    def _finish(self, r: Row, reason: str, flush: bool = True) -> None:
+        """End the row; ``flush``: first release every token still undecoded (a split UTF-8 character included)."""
+        if flush:
+            ids = r.prompt_ids + r.token_ids  # EOS is a special token: decoding skips it
+            r._pending += self._decode(ids[r._prefix:])[len(self._decode(ids[r._prefix:r._read])):]
+            r._prefix = r._read = len(ids)
+            if self._cut_at_stop(r):
+                reason = "stop"
+        self._emit(r, r._pending, reason)
+
+
+class Engine:
+    """A loaded causal LM + tokenizer that generates for batches of rows (see the module doc)."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        gc = getattr(model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {int(e) for e in eos + [tokenizer.eos_token_id] if e is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+
+    @classmethod
+    def load(cls, reference: str, device: str = "auto", dtype: Optional[str] = None) -> "Engine":
+        """Load ``reference`` (a save_pretrained dir, GGUF file, hub id: ``app.models``) on ``device`` (auto: CUDA
+        when this process sees a GPU) in ``dtype`` (None: bf16 on CUDA, fp32 on CPU)."""
+        import torch
+
+        from app.models import load_causal_lm
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        loaded = load_causal_lm(reference, device=device, dtype=getattr(torch, dtype) if dtype else None)
+        return cls(loaded.model, loaded.tokenizer)
+
+    # -- prompts
+
+    def encode(self, text: str) -> list[int]:
+        """A completion prompt as the model's tokenizer encodes it by default (BOS where the tokenizer adds it)."""
+        return list(self.tok(text)["input_ids"])
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Chat messages through the tokenizer's chat template, with the assistant's turn opened."""
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    # -- generation
+
+    def run(self, rows: list[Row]) -> list[Row]:
+        """Generate every row (in place; also returned). Rows may differ in prompt, length and sampling."""
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        if not rows:
+            return rows
+        longest = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)  # (B, T), left-padded
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r.prompt_ids:
+                ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+                mask[i, longest - len(r.prompt_ids):] = 1
+        stopper = RowStopper(rows, self.tok, self.eos_ids)
+        # eos_token_id []: EOS is RowStopper's (per row, ignore_eos); None would bring back the model's own
+        gc = GenerationConfig(max_new_tokens=max(r.params.max_tokens for r in rows), do_sample=False,
+                              pad_token_id=self.pad_id, eos_token_id=[], use_cache=True)
+        with torch.inference_mode():
+            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                generation_config=gc,
+                                logits_processor=LogitsProcessorList([RowSampler(rows, self.device)]),
+                                stopping_criteria=StoppingCriteriaList([stopper]))
+        for r in rows:  # generate ended (every row stopped, or its own limit): nothing stays open
+            if not r.done:
+                stopper._finish(r, "cancelled" if r.cancelled else "length")
+        return rows
