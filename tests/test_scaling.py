@@ -118,7 +118,7 @@ def test_approach3_recovers_known_parameters_whatever_the_grid():
     exact = fit_parametric(n, d, loss, grid={k: v[::2] for k, v in CHINCHILLA_GRID.items()}, workers=2)
     for k in ("E", "A", "B", "alpha", "beta"):
         assert getattr(exact, k) == pytest.approx(getattr(CHINCHILLA, k), rel=1e-3), k
-    n, d, loss = _synthetic(CHINCHILLA, 120, 0.01, seed=1)  # 1% multiplicative noise
+    n, d, loss = _synthetic(CHINCHILLA, 60, 0.01, seed=1)  # 1% multiplicative noise
     paper = fit_parametric(n, d, loss, workers=2)  # the paper's 4,500 starting points
     assert paper.inits == 4500
     shifted = fit_parametric(n, d, loss, grid=SHIFTED_GRID, workers=2)

@@ -16,6 +16,7 @@ from tests.tiny_models import tiny_llama, tiny_mamba2
 PROMPTS = ["the quick brown fox", "a cat sat on the mat it was very good day", "dog",
            "park with friends of mine who like reading books about history science art music the quick"]
 KEY = "sk-test-0123456789"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -147,23 +148,38 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, student, tmp_path_factory):
-    from ray import serve
+def serving(ray_local, student, tmp_path_factory):
+    """``jobs/serve.py`` (= ``distillery serve``) in a subprocess joined to the test's Ray, as under ``ray job
+    submit``: the tiny student on 127.0.0.1 with small limits, the API key from a file (a mounted secret)."""
+    root = tmp_path_factory.mktemp("serving")
+    (root / "key").write_text(KEY + "\n")
+    port = _free_port()
+    sets = [f"api_key_file={root / 'key'}", "model_name=tiny-student", "deployment.num_cpus=1",
+            "deployment.max_ongoing_requests=32", "batch.max_batch_size=8", "batch.batch_wait_timeout_s=0.05",
+            "limits.max_prompt_tokens=40", "limits.max_tokens=32", "limits.default_max_tokens=12", "limits.max_n=4",
+            "limits.max_body_bytes=4096"]
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    log_path = root / "serve.log"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "serve.py"), student, "--port", str(port),
+                             *[a for x in sets for a in ("--set", x)]],
+                            env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.time() + 240
+        while "serving " not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        yield {"url": f"http://127.0.0.1:{port}/v1", "proc": proc, "log": log_path}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            from ray import serve
 
-    from app.config import load_config
-    from app.serve.config import ServeConfig
-    from app.serve.server import start
+            serve.shutdown()
 
-    key_file = tmp_path_factory.mktemp("secret") / "key"
-    key_file.write_text(KEY + "\n")
-    cfg = load_config(ServeConfig, None, [
-        f"model={student}", "model_name=tiny-student", f"port={_free_port()}", f"api_key_file={key_file}",
-        "deployment.num_cpus=1", "deployment.max_ongoing_requests=32", "batch.max_batch_size=8",
-        "batch.batch_wait_timeout_s=0.05", "limits.max_prompt_tokens=40", "limits.max_tokens=32",
-        "limits.default_max_tokens=12", "limits.max_n=4", "limits.max_body_bytes=4096"])
-    url = start(cfg)
-    yield url
-    serve.shutdown()
+
+@pytest.fixture(scope="module")
+def server(serving):
+    return serving["url"]
 
 
 @pytest.fixture(scope="module")
@@ -346,32 +362,51 @@ def test_serve_configs_are_valid():
     assert build_app(app.args) is not None
 
 
-def test_cli_serve_starts_answers_with_the_env_key_and_stops(student, tmp_path):
+def test_replicas_autoscaling_and_resources_reach_the_deployment():
+    from app.config import ConfigError, load_config
+    from app.serve.config import ServeConfig
+    from app.serve.server import application
+
+    fixed = application(load_config(ServeConfig, None, ["deployment.replicas=3"]))._bound_deployment
+    assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+    auto = application(load_config(ServeConfig, None, [
+        "deployment.autoscale.enabled=true", "deployment.autoscale.max_replicas=6", "deployment.num_gpus=0.5",
+        "deployment.max_ongoing_requests=40", "batch.max_batch_size=40"]))._bound_deployment
+    a = auto._deployment_config.autoscaling_config
+    assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 6, 16.0)
+    assert auto.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.5} and auto.max_ongoing_requests == 40
+    with pytest.raises(ConfigError, match="deployment.max_ongoing_requests"):
+        load_config(ServeConfig, None, ["batch.max_batch_size=128"])
+
+
+def test_a_missing_model_fails_before_ray_starts(tmp_path):
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "serve.py"), str(tmp_path / "no" / "model")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "model not found" in bad.stderr
+
+
+def test_api_key_from_env_or_file(tmp_path, monkeypatch):
+    from app.config import load_config
+    from app.serve.config import ServeConfig
+    from app.serve.server import read_api_key
+
+    cfg = load_config(ServeConfig, None, [])
+    monkeypatch.delenv("DISTILLERY_API_KEY", raising=False)
+    assert read_api_key(cfg) is None  # no key: the API is open (on 127.0.0.1 by default)
+    monkeypatch.setenv("DISTILLERY_API_KEY", " sk-env \n")
+    assert read_api_key(cfg) == "sk-env"
+    (tmp_path / "k").write_text("sk-file\n")
+    assert read_api_key(load_config(ServeConfig, None, [f"api_key_file={tmp_path / 'k'}"])) == "sk-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_api_key(load_config(ServeConfig, None, [f"api_key_file={tmp_path / 'empty'}"]))
+
+
+def test_sigterm_stops_the_server_and_serve(serving):
+    """Last of the server tests: ``ray job stop`` / kill end ``distillery serve`` as Ctrl-C does (exit 0, Serve down)."""
     import requests
 
-    port = _free_port()
-    env = {**os.environ, "DISTILLERY_API_KEY": KEY, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    bad = subprocess.run([sys.executable, "-m", "app.cli", "serve", str(tmp_path / "missing" / "model")],
-                         env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "model not found" in bad.stderr
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "jobs/serve.py", student, "--port", str(port), "--num-cpus", "1",
-                             "--set", "deployment.num_cpus=1", "--set", "model_name=cli"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        deadline = time.time() + 180
-        while "serving " not in open(tmp_path / "serve.log").read():
-            assert proc.poll() is None and time.time() < deadline, open(tmp_path / "serve.log").read()[-3000:]
-            time.sleep(1)
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        body = {"model": "cli", "prompt": "the cat", "max_tokens": 3}
-        assert requests.post(url, json=body, timeout=30).status_code == 401
-        ok = requests.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    serving["proc"].send_signal(signal.SIGTERM)
+    assert serving["proc"].wait(timeout=90) == 0, serving["log"].read_text()[-3000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(serving["url"][: -len("/v1")] + "/health", timeout=5)
