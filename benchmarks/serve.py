@@ -1,19 +1,20 @@
 """Serving throughput and latency: dynamic batching vs max_batch_size=1, side by side in one run.
 
-    python benchmarks/serve.py [--model DIR] [--concurrency 1 8 32] [--max-tokens 32] [--replica-cpus 1]
-                               [--out out/bench_serve/serve.json]
+    python benchmarks/serve.py [--model DIR] [--concurrency 1 8 32] [--max-tokens 32] [--batch-wait 0.05]
+                               [--replica-cpus 1] [--out out/bench_serve/serve.json]
 
-Two copies of the same application run at once on 127.0.0.1, one replica each: batching on
-(``batch.max_batch_size`` = the highest concurrency, wait 10 ms) under /on, and off (``max_batch_size=1``) under
-/off. For each concurrency c, the two are measured one after the other on the same requests: 4c of them (at
-least 16), c in flight at a time, sent by the official ``openai`` async client. Prompts are real text from this
-machine (package descriptions and licences), 16 to 128 tokens; every request generates exactly ``--max-tokens``
-tokens (``ignore_eos``), greedy. Throughput is generated tokens / wall time; latency is per request, end to end.
+Two copies of the same application run at once on 127.0.0.1, one replica each: batching on under /on
+(``batch.max_batch_size`` = the highest concurrency, ``batch_wait_timeout_s`` = ``--batch-wait``) and off under
+/off (``max_batch_size=1``). For each concurrency c, the two are measured one after the other on the same
+requests: 4c of them (at least 16), c in flight at a time, sent by the official ``openai`` async client. Prompts
+are real text from this machine (package descriptions and licences), 16 to 128 tokens; every request generates
+exactly ``--max-tokens`` tokens (``ignore_eos``), greedy. Throughput is generated tokens / wall time; latency
+is per request, end to end; "batch" is the mean number of sequences per batch (from /health).
 Target: >= 3x throughput at concurrency 32 with batching.
 
-The default model is a small Mamba-2 student built here (random init: speed does not depend on the weights'
-values) with SmolLM2's tokenizer and vocabulary (49,152), hidden 256, 4 layers: the shape ``jobs/scaling.py``
-trains on CPU. ``--model`` takes any checkpoint (a distilled student on a GPU: ``--replica-gpus 1``).
+The default model is a small Mamba-2 student built here with SmolLM2's tokenizer and vocabulary (49,152),
+hidden 256, 4 layers, random init (speed does not depend on the weights' values). ``--model`` takes any
+checkpoint (a distilled student on a GPU: ``--replica-gpus 1``).
 """
 
 import argparse
@@ -64,6 +65,12 @@ def prompts(tokenizer, n: int, seed: int = 0) -> list[str]:
     raise SystemExit("not enough text on this machine for the prompts")
 
 
+def health(base: str) -> dict:
+    import requests
+
+    return requests.get(base[: -len("/v1")] + "/health", timeout=30).json()
+
+
 async def load(base: str, name: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
     from openai import AsyncOpenAI
 
@@ -79,13 +86,16 @@ async def load(base: str, name: str, texts: list[str], concurrency: int, max_tok
             lat.append(time.perf_counter() - t0)
             tokens.append(r.usage.completion_tokens)
 
+    before = health(base)
     t0 = time.perf_counter()
     await asyncio.gather(*(one(p) for p in texts))
     wall = time.perf_counter() - t0
     await client.close()
+    after = health(base)
     q = statistics.quantiles(lat, n=20)
     return {"requests": len(texts), "tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
-            "p50_s": statistics.median(lat), "p95_s": q[18]}
+            "p50_s": statistics.median(lat), "p95_s": q[18], "batches": after["batches"] - before["batches"],
+            "mean_batch": (after["sequences"] - before["sequences"]) / max(after["batches"] - before["batches"], 1)}
 
 
 def main() -> None:
@@ -95,6 +105,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batch-wait", type=float, default=0.05, help="batch.batch_wait_timeout_s with batching on")
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--replica-gpus", type=float, default=0.0)
     ap.add_argument("--out", default="out/bench_serve/serve.json")
@@ -123,7 +134,7 @@ def main() -> None:
         cfg = load_config(ServeConfig, None, [
             f"model={model}", "model_name=bench", f"deployment.num_cpus={args.replica_cpus}",
             f"deployment.num_gpus={args.replica_gpus}", f"deployment.max_ongoing_requests={max(64, 2 * top)}",
-            f"batch.max_batch_size={size}", "batch.batch_wait_timeout_s=0.01", f"limits.max_tokens={args.max_tokens}"])
+            f"batch.max_batch_size={size}", f"batch.batch_wait_timeout_s={args.batch_wait if size > 1 else 0.0}", f"limits.max_tokens={args.max_tokens}"])
         serve.run(application(cfg), name=f"bench-{mode}", route_prefix=f"/{mode}", blocking=False)
     base = {m: f"http://127.0.0.1:{port}/{m}/v1" for m in modes}
     for m in modes:  # warm-up: first forward, allocator, connections
@@ -146,11 +157,12 @@ def main() -> None:
         json.dump(info, f, indent=1)
     print(f"model {model} ({n_params / 1e6:.1f}M parameters), {args.max_tokens} tokens per request, "
           f"replica {args.replica_cpus} CPU / {args.replica_gpus} GPU")
-    print(f"{'conc':>4} | {'batching: tok/s':>15} {'p50 s':>7} {'p95 s':>7} | {'max_batch_size=1: tok/s':>23} "
+    print(f"{'conc':>4} | {'batching: tok/s':>15} {'p50 s':>7} {'p95 s':>7} {'batch':>5} | {'max_batch_size=1: tok/s':>23} "
           f"{'p50 s':>7} {'p95 s':>7} | speed-up")
     for r in rows:
         on, off = r["on"], r["off"]
-        print(f"{r['concurrency']:>4} | {on['tokens_per_s']:>15.1f} {on['p50_s']:>7.2f} {on['p95_s']:>7.2f} | "
+        print(f"{r['concurrency']:>4} | {on['tokens_per_s']:>15.1f} {on['p50_s']:>7.2f} {on['p95_s']:>7.2f} "
+              f"{on['mean_batch']:>5.1f} | "
               f"{off['tokens_per_s']:>23.1f} {off['p50_s']:>7.2f} {off['p95_s']:>7.2f} | {r['speedup']:.2f}x")
     print(f"results: {args.out}")
 

@@ -55,8 +55,9 @@ class DeploymentConfig:
 class BatchConfig:
     max_batch_size: int = 32
     """Sequences (requests x n) decoded together in one batch (Ray Serve @serve.batch). 1: no batching."""
-    batch_wait_timeout_s: float = 0.01
-    """How long the first request of a batch waits for others to join."""
+    batch_wait_timeout_s: float = 0.05
+    """How long the first request of a batch waits for others to join: longer fills batches better under load
+    (throughput), and adds up to this much latency to a request that comes alone (benchmarks/serve.py)."""
 
     def __post_init__(self) -> None:
         _check(self.max_batch_size >= 1, "batch.max_batch_size", "must be >= 1")
@@ -70,7 +71,7 @@ class LimitsConfig:
     max_tokens: int = 1024
     """The largest `max_tokens` a request may ask for (400 above it)."""
     default_max_tokens: int = 256
-    """Chat completions without `max_tokens` get this many (completions default to 16, as OpenAI's)."""
+    """Chat completions without `max_tokens` get this many, or `max_tokens` if lower (completions: 16, as OpenAI's)."""
     max_n: int = 8
     """The largest `n` (choices per prompt)."""
     max_body_bytes: int = 1 << 20
@@ -79,7 +80,6 @@ class LimitsConfig:
     def __post_init__(self) -> None:
         for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n", "max_body_bytes"):
             _check(getattr(self, name) >= 1, f"limits.{name}", "must be >= 1")
-        _check(self.default_max_tokens <= self.max_tokens, "limits.default_max_tokens", "must be <= limits.max_tokens")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from app.serve import protocol as P
 from app.serve.config import ServeConfig
 from app.serve.generate import Engine, Row
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: the lines land in the replica's log
 
 APP_NAME = "distillery"
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -133,6 +133,7 @@ class StudentServer:
         self.created = int(time.time())
         self.vocab = len(self.engine.tok)
         self.stats = {"batches": 0, "sequences": 0, "largest_batch": 0, "generated_tokens": 0}
+        self._window = self._new_window()
         self._batch.set_max_batch_size(self.cfg.batch.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.cfg.batch.batch_wait_timeout_s)
         log.info("serving %s as %r on %s (batch %d, wait %.3fs, api key %s)", self.cfg.model, self.name,
@@ -156,7 +157,7 @@ class StudentServer:
     async def completions(self, req: P.CompletionRequest):
         self._check_model(req.model)
         P.check_completion(req)
-        params = P.sampling(req, self.cfg.limits, 16, req.max_tokens)
+        params = P.sampling(req, self.cfg.limits, min(16, self.cfg.limits.max_tokens), req.max_tokens)
         prompts = [self._prompt_ids(p) for p in P.completion_prompts(req)]
         return await self._answer(req, prompts, params, chat=False)
 
@@ -167,7 +168,7 @@ class StudentServer:
         if not self.engine.has_chat_template:
             raise P.APIError(400, f"model {self.name} has no chat template: use /v1/completions", param="messages",
                              code="no_chat_template")
-        params = P.sampling(req, self.cfg.limits, self.cfg.limits.default_max_tokens,
+        params = P.sampling(req, self.cfg.limits, min(self.cfg.limits.default_max_tokens, self.cfg.limits.max_tokens),
                             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
         try:
             ids = self.engine.encode_chat(P.chat_messages(req))
@@ -262,6 +263,10 @@ class StudentServer:
             for r in rows:
                 r.cancelled = True
 
+    @staticmethod
+    def _new_window() -> dict:
+        return {"since": time.monotonic(), "batches": 0, "sequences": 0, "generated_tokens": 0, "busy": 0.0}
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows_in)
     async def _batch(self, jobs: list[Job]) -> list[None]:
         rows = [r for j in jobs for r in j.rows]
@@ -269,13 +274,20 @@ class StudentServer:
         await asyncio.to_thread(self.engine.run, rows)
         dt = time.perf_counter() - t0
         tokens = sum(r.completion_tokens for r in rows)
-        st = self.stats
-        st["batches"] += 1
-        st["sequences"] += len(rows)
-        st["largest_batch"] = max(st["largest_batch"], len(rows))
-        st["generated_tokens"] += tokens
-        log.info("batch: %d requests, %d sequences, %d tokens in %.2fs (%.1f tokens/s)", len(jobs), len(rows), tokens,
-                 dt, tokens / dt if dt > 0 else 0.0)
+        for d in (self.stats, self._window):
+            d["batches"] += 1
+            d["sequences"] += len(rows)
+            d["generated_tokens"] += tokens
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        w = self._window
+        w["busy"] += dt
+        log.debug("batch: %d requests, %d sequences, %d tokens in %.2fs", len(jobs), len(rows), tokens, dt)
+        span = time.monotonic() - w["since"]
+        if span >= 10:  # one line per 10 s of traffic
+            log.info("last %.0fs: %d batches, %.1f sequences per batch, %d tokens, %.1f tokens/s, busy %.0f%%", span,
+                     w["batches"], w["sequences"] / w["batches"], w["generated_tokens"], w["generated_tokens"] / span,
+                     100 * w["busy"] / span)
+            self._window = self._new_window()
         return [None] * len(jobs)
 
 
