@@ -131,7 +131,8 @@ class StudentServer:
         self.engine = Engine.load(self.cfg.model, self.cfg.device, self.cfg.dtype)
         self.name = self.cfg.served_name
         self.created = int(time.time())
-        self.vocab = len(self.engine.tok)
+        # ids a prompt may hold: known to the tokenizer and inside the embedding (either may be padded)
+        self.vocab = min(len(self.engine.tok), self.engine.model.get_input_embeddings().num_embeddings)
         self.stats = {"batches": 0, "sequences": 0, "largest_batch": 0, "generated_tokens": 0}
         self._window = self._new_window()
         self._batch.set_max_batch_size(self.cfg.batch.max_batch_size)
@@ -174,7 +175,7 @@ class StudentServer:
             ids = self.engine.encode_chat(P.chat_messages(req))
         except Exception as e:  # noqa: BLE001 - a template that rejects these messages (roles, order)
             raise P.APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
-        return await self._answer(req, [self._check_length(ids)], params, chat=True)
+        return await self._answer(req, [self._check_length(ids, "messages")], params, chat=True)
 
     # -- helpers
 
@@ -183,11 +184,11 @@ class StudentServer:
             raise P.APIError(404, f"the model '{model}' does not exist; this server has '{self.name}'",
                              param="model", code="model_not_found", type="not_found_error")
 
-    def _check_length(self, ids: list[int]) -> list[int]:
+    def _check_length(self, ids: list[int], param: str = "prompt") -> list[int]:
         limit = self.cfg.limits.max_prompt_tokens
         if len(ids) > limit:
             raise P.APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {limit}",
-                             param="prompt", code="context_length_exceeded")
+                             param=param, code="context_length_exceeded")
         return ids
 
     def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
