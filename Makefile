@@ -7,7 +7,9 @@ APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo -n apt-get)
 # Ray listens on loopback only (without this it binds the machine's outward address).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: setup run test clean
+CLUSTER_WORKERS ?= 2
+
+.PHONY: setup run test clean cluster-up cluster-down
 
 setup: $(VENV)/.installed
 
@@ -32,6 +34,14 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# A head and $(CLUSTER_WORKERS) worker nodes on 127.0.0.1 with token authentication (cluster/local.py).
+# Then, for clients: eval "$$(.venv/bin/python cluster/local.py env --state out/cluster)"
+cluster-up: setup
+	$(BIN)/python cluster/local.py up --workers $(CLUSTER_WORKERS) --state $(OUT)/cluster
+
+cluster-down:
+	$(BIN)/python cluster/local.py down --state $(OUT)/cluster
 
 clean:
 	rm -rf out .pytest_cache

@@ -176,46 +176,11 @@ def test_existing_output_is_refused_without_overwrite(corpus, run1):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CLUSTER_SCRIPT = r"""
-import os, sys
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-sys.path.insert(0, sys.argv[1])
-import ray
-from ray.cluster_utils import Cluster
-from app.config import RefineConfig, load_config
-from app.refine.pipeline import run_refine
-
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-cluster.add_node(num_cpus=1)
-ray.init(address=cluster.address, log_to_driver=False)
-ray.data.DataContext.get_current().enable_progress_bars = False
-nodes = [n for n in ray.nodes() if n["Alive"]]
-assert len(nodes) == 2, nodes
-assert all(n["NodeManagerAddress"].startswith("127.") for n in nodes), [n["NodeManagerAddress"] for n in nodes]
-run_refine([sys.argv[2]], sys.argv[3], load_config(RefineConfig, None, sys.argv[4:]))
-ray.shutdown()
-cluster.shutdown()
-print("CLUSTER-OK")
-"""
-
-
 def _env():
     env = dict(os.environ)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env.pop("RAY_ADDRESS", None)
     return env
-
-
-def test_two_node_cluster_run_equals_one_node_run(corpus, run1):
-    import subprocess
-    import sys
-
-    out = os.path.join(corpus["root"], "out-2node")
-    args = [f"io.max_doc_bytes={corpus['max_doc_bytes']}", "dedup.num_partitions=3", *NO_MODELS]
-    p = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, REPO, corpus["input"], out, *args],
-                       capture_output=True, text=True, timeout=600, env=_env())
-    assert "CLUSTER-OK" in p.stdout, p.stderr[-3000:]
-    assert canonical(out) == canonical(run1[0])
 
 
 def _free_ports(n):
@@ -233,43 +198,39 @@ def _free_ports(n):
             s.close()
 
 
-def test_ray_job_submit_against_a_running_head(corpus, run1, tmp_path):
-    """`ray start --head` on 127.0.0.1 with token auth, then `ray job submit -- python jobs/refine.py`."""
-    import secrets
+def test_local_cluster_with_token_auth_runs_the_refine_job(corpus, run1, tmp_path):
+    """``make cluster-up``'s cluster (cluster/local.py: a head and 2 worker nodes on 127.0.0.1, token auth on), then
+    ``ray job submit -- python jobs/refine.py``: the same output as one node; a client without the token is refused."""
+    import json
     import subprocess
     import sys
 
     bin_dir = os.path.dirname(sys.executable)
     ray_cli = os.path.join(bin_dir, "ray")
-    env = _env()
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "PATH": bin_dir + os.pathsep + env["PATH"]})
-    port, dash, agent, agent_grpc, rtenv, metrics, client = _free_ports(7)
-    import tempfile
-
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    # `--block` keeps the head in the foreground, in its own process group: stopping it kills exactly
-    # this head (a plain `ray stop` would also kill the session's Ray and whatever else runs here).
-    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rtenv}",
-                             f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-                             f"--temp-dir={temp}", "--disable-usage-stats"],
-                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    state = str(tmp_path / "cluster")
+    port, dash = _free_ports(2)
+    local = [sys.executable, os.path.join(REPO, "cluster", "local.py")]
+    up = subprocess.run([*local, "up", "--state", state, "--workers", "2", "--port", str(port),
+                         "--dashboard-port", str(dash)], capture_output=True, text=True, timeout=400, env=_env())
+    out = os.path.join(corpus["root"], "out-job")
     try:
-        out = os.path.join(corpus["root"], "out-job")
-        cmd = [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", REPO, "--",
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+        env = _env()
+        env.update(line[len("export "):].split("=", 1) for line in up.stdout.splitlines() if line.startswith("export "))
+        env["PATH"] = bin_dir + os.pathsep + env["PATH"]
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ADDRESS"] == f"http://127.0.0.1:{dash}"
+        anon = subprocess.run([ray_cli, "job", "list", f"--address=http://127.0.0.1:{dash}"], capture_output=True,
+                              text=True, timeout=120, env={**_env(), "PATH": env["PATH"]})
+        assert anon.returncode != 0 and "token" in anon.stdout + anon.stderr
+        nodes = subprocess.run([ray_cli, "list", "nodes", "--format=json", "--filter", "state=ALIVE"],
+                               capture_output=True, text=True, timeout=120, env=env)
+        ips = [n["node_ip"] for n in json.loads(nodes.stdout)]
+        assert len(ips) == 3 and all(ip == "127.0.0.1" for ip in ips), ips
+        cmd = [ray_cli, "job", "submit", "--working-dir", REPO, "--",
                "python", "jobs/refine.py", "--input", corpus["input"], "--output", out,
                "--set", f"io.max_doc_bytes={corpus['max_doc_bytes']}", "--set", "dedup.num_partitions=3",
                "--set", NO_MODELS[0], "--set", NO_MODELS[1]]
-        for _ in range(60):  # wait for the dashboard's job API
-            job = subprocess.run([ray_cli, "job", "list", f"--address=http://127.0.0.1:{dash}"],
-                                 capture_output=True, text=True, timeout=60, env=env)
-            if job.returncode == 0 or head.poll() is not None:
-                break
-            time.sleep(2)
-        assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-        for _ in range(30):  # the job agent comes up a little after the dashboard
+        for _ in range(30):  # the job agent comes up a little after the nodes
             job = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
             if "No available agent" not in job.stderr:
                 break
@@ -278,12 +239,8 @@ def test_ray_job_submit_against_a_running_head(corpus, run1, tmp_path):
         assert "succeeded" in (job.stdout + job.stderr).lower()
         assert f"report: {out}/report.html" in job.stdout
     finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-        except ProcessLookupError:  # the head already exited (its log says why)
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+        down = subprocess.run([*local, "down", "--state", state], capture_output=True, text=True, timeout=180)
+    assert down.returncode == 0 and not os.path.exists(os.path.join(state, "cluster.json"))
     assert canonical(out) == canonical(run1[0])
+
+
