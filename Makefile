@@ -8,6 +8,7 @@ APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo -n apt-get)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 CLUSTER_WORKERS ?= 2
+REFINE_ARGS ?=  # more options for make run's refine job, e.g. REFINE_ARGS="--set dedup.near.threshold=0.85"
 
 .PHONY: setup run test clean cluster-up cluster-down
 
@@ -29,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/distillery sample-corpus --out $(OUT)/sample
 	@# Perplexity on this 2-core CPU: the first 256 tokens of each surviving document (1024 on a GPU cluster).
-	$(BIN)/python jobs/refine.py --input $(OUT)/sample --output $(OUT)/refine --overwrite --set perplexity.max_tokens=256
+	$(BIN)/python jobs/refine.py --input $(OUT)/sample --output $(OUT)/refine --overwrite --set perplexity.max_tokens=256 $(REFINE_ARGS)
 	@echo "dashboard: $(BIN)/distillery dashboard $(OUT)/refine   (or open $(OUT)/refine/report.html)"
 
 test: setup

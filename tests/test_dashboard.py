@@ -167,12 +167,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.fixture(scope="module")
-def make_run_output(tmp_path_factory):
-    """``make run``'s output (the same Makefile target, into a temporary OUT)."""
+def make_run_output(ray_local, tmp_path_factory):
+    """``make run``'s output (the same Makefile target, into a temporary OUT), joined to the session's Ray and
+    scoring the first 64 tokens of each document instead of 256 (the page is what is tested, not the scores)."""
     out = tmp_path_factory.mktemp("makerun")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(["make", "-s", "run", f"OUT={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.run(["make", "-s", "run", f"OUT={out}", "REFINE_ARGS=--set perplexity.max_tokens=64"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return str(out / "refine")
 

@@ -98,11 +98,11 @@ def test_model_errors_name_the_reference(tmp_path):
         load_causal_lm("not-an-org/not-a-model")
 
 
-def test_gpu_benchmark_script_runs_in_smoke_mode_and_accounts_for_every_token(tiny_dir, tmp_path):
-    """benchmarks/gpu_scoring.py is run on a GPU only when one is lent: keep it working on CPU."""
+def test_gpu_benchmark_script_runs_in_smoke_mode_and_accounts_for_every_token(ray_local, tiny_dir, tmp_path):
+    """benchmarks/gpu_scoring.py is run on a GPU only when one is lent: keep it working on CPU (joined to the
+    session's Ray, as under ``ray job submit``)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_scoring.py"), "--smoke",
                            "--model", tiny_dir, "--out", str(tmp_path)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
