@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 # Ray must bind to loopback only: set before Ray is imported anywhere.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -9,6 +10,23 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast instead of retrying
 
 import pytest  # noqa: E402
+
+# `slow` tests (real SmolLM2, make run, bigger corpora) run last, and only while the suite is under this many
+# seconds: CI has a 20-minute budget for the whole suite. DISTILLERY_SLOW_BUDGET_S=inf runs them all.
+SLOW_BUDGET_S = float(os.environ.get("DISTILLERY_SLOW_BUDGET_S", "840"))
+_STARTED = time.monotonic()
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: the order is kept otherwise
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    ran = time.monotonic() - _STARTED
+    if item.get_closest_marker("slow") and ran > SLOW_BUDGET_S:
+        pytest.skip(f"slow test left out: the suite has run {ran / 60:.1f} min, past its {SLOW_BUDGET_S / 60:.0f}-minute "
+                    "budget for slow tests (DISTILLERY_SLOW_BUDGET_S=inf runs them)")
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,7 @@ def test_model_steps_score_survivors_and_decide(ray_local, models, corpus, tmp_p
     assert any(st["name"] == "score" for st in rep["steps"])
 
     out2 = str(tmp_path / "out2")
-    rep2 = run_refine([corpus], out2, _cfg(models, "scoring.score_dropped=true"))
+    rep2 = run_refine([corpus], out2, _cfg(models, "scoring.score_dropped=true", "dedup.near.enabled=false"))
     assert all(r["ppl_nll"] is not None for r in _rows(out2, "kept") + _rows(out2, "dropped"))
     assert rep2["counts"]["input"] == rep2["counts"]["kept"] + rep2["counts"]["dropped"] + rep2["counts"]["quarantined"]
 
