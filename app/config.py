@@ -46,10 +46,15 @@ class IOConfig:
     """Rows per batch in the scoring steps."""
     quarantine_raw_bytes: int = 1024 * 1024
     """At most this many raw bytes of a quarantined record are kept (the full size is recorded)."""
+    checkpoint_bytes: Optional[int] = None
+    """Input bytes per resumable unit: pass 1 runs group by group of input files of about this size, and the
+    scoring as many groups of graph partitions; a re-run skips the groups already finished. null: 100 MB per
+    cluster CPU, at least 1 GiB. Fixed by the first run of an output directory (a resumed run keeps its plan)."""
 
     def __post_init__(self) -> None:
         for name in ("max_doc_bytes", "block_rows", "batch_size", "quarantine_raw_bytes"):
             _check(getattr(self, name) > 0, f"io.{name}", "must be > 0")
+        _check(self.checkpoint_bytes is None or self.checkpoint_bytes > 0, "io.checkpoint_bytes", "must be > 0 or null")
 
 
 @dataclass

@@ -170,8 +170,48 @@ def test_identical_input_gives_identical_output(corpus, run1):
 def test_existing_output_is_refused_without_overwrite(corpus, run1):
     from app.refine.pipeline import run_refine
 
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="finished refine run.*--overwrite"):
         run_refine([corpus["input"]], run1[0], _cfg(corpus))
+
+
+def test_interrupted_run_resumes_to_the_output_of_an_uninterrupted_one(corpus, run1, ray_local, tmp_path):
+    """``jobs/refine.py`` killed (SIGKILL) once its first unit of work is done; a re-run with other settings is
+    refused (naming them), the same run resumes: finished units skipped, the rest done, the output of ``run1``."""
+    import subprocess
+    import sys
+
+    from app.refine.pipeline import run_refine
+
+    out = str(tmp_path / "out")
+    done = os.path.join(out, "_work", "done")
+    sets = [f"io.max_doc_bytes={corpus['max_doc_bytes']}", "dedup.num_partitions=3", *NO_MODELS,
+            "io.checkpoint_bytes=1"]  # one unit per input file: 4 pass-1 units
+    cmd = [sys.executable, os.path.join(REPO, "jobs", "refine.py"), "--input", corpus["input"], "--output", out]
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    job = subprocess.Popen([*cmd, *(a for kv in sets for a in ("--set", kv))], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(done, "ingest-g00000.json")):
+        assert job.poll() is None, job.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    job.kill()
+    job.wait()
+    before = sorted(f[:-len(".json")] for f in os.listdir(done))
+    assert "ingest-g00000" in before and "output" not in before, before
+    assert not os.path.exists(os.path.join(out, "report.json"))
+
+    with pytest.raises(FileExistsError, match=r"dedup.near.threshold: 0.8 -> 0.7.*--overwrite"):
+        run_refine([corpus["input"]], out, load_config(RefineConfig, None, [*sets, "dedup.near.threshold=0.7"]))
+    # a setting that changes only how the work runs may differ
+    report = run_refine([corpus["input"]], out, load_config(RefineConfig, None, [*sets, "io.batch_size=64"]))
+    resume = report["resume"]
+    assert resume["resumed"] and resume["units_skipped"] == before
+    assert set(resume["units_run"]) | set(before) >= {"ingest-g00000", "ingest-g00003", "graph", "output"}
+    assert not set(resume["units_run"]) & set(before)
+    assert canonical(out) == canonical(run1[0])
+    assert report["counts"] == run1[1]["counts"] and report["accounting"]["ok"]
+    assert not [f for _, _, names in os.walk(out) for f in names if ".tmp-" in f]  # no writer's leftovers
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

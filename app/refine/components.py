@@ -118,9 +118,9 @@ def _read_texts(files: list[str], ids) -> dict[str, str]:
 
 
 @ray.remote
-def _split_edges(table: pa.Table, k: int):
-    """Near candidate edges by part(a); exact edges as duplicate rows by part(id)."""
-    df = table.to_pandas()
+def _split_edges(path: str, k: int):
+    """One file of candidate edges -> near edges by part(a); exact edges as duplicate rows by part(id)."""
+    df = pq.read_table(path).to_pandas()
     near = df[df["kind"] == "near"][["a", "b"]]
     ex = df[df["kind"] == "exact"]
     rows = pd.concat([
@@ -253,8 +253,8 @@ def _root_pairs(k: int, *pieces):
 
 
 @ray.remote
-def _finalize(out_path: str, exact_pieces: list, root_pieces: list, sim_pieces: list) -> tuple[pa.Table, dict]:
-    """Write this part's ``duplicates/`` rows and return its labels (one row per duplicate document)."""
+def _finalize(out_path: str, labels_path: str, exact_pieces: list, root_pieces: list, sim_pieces: list) -> dict:
+    """Write this part's ``duplicates/`` rows and its labels (one row per duplicate document); its statistics."""
     ex = _concat(ray.get(exact_pieces))
     roots = _concat(ray.get(root_pieces))
     if len(roots):  # a node's (node, root) row can come from several star partitions
@@ -286,10 +286,11 @@ def _finalize(out_path: str, exact_pieces: list, root_pieces: list, sim_pieces: 
         "near_of": pa.array([near["representative_id"].get(i) for i in ids], pa.string()),
         "near_similarity": pa.array([near["similarity"].get(i) for i in ids], pa.float64()),
     }, schema=LABEL_SCHEMA)
+    write_table(labels, labels_path)
     stats = {"exact_clusters": int((dup["kind"] == "exact").sum() - len(ex_of)) if len(dup) else 0,
              "near_clusters": int(((dup["kind"] == "near") & (dup["id"] == dup["representative_id"])).sum()) if len(dup) else 0,
              "duplicate_rows": int(len(dup))}
-    return labels, stats
+    return stats
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -314,15 +315,21 @@ def connected_components(edges: list, k: int, max_rounds: int) -> tuple[list, in
     raise RuntimeError(f"connected components did not converge in dedup.max_cc_rounds={max_rounds} rounds")
 
 
-def dedup_graph(edge_refs: list, *, work_docs: str, out_dir: str, k: int, ngram: int, threshold: float,
-                verify: bool, max_rounds: int) -> tuple[list, dict]:
-    """Candidate/exact edges (Ray Data block refs) -> per-part label refs, plus graph statistics.
+def label_paths(labels_dir: str, k: int) -> list[str]:
+    return [os.path.join(labels_dir, f"part-{i:05d}.parquet") for i in range(k)]
 
-    Writes ``out_dir/duplicates/part-<k>.parquet``.
+
+def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: str, k: int, ngram: int,
+                threshold: float, verify: bool, max_rounds: int) -> dict:
+    """Candidate/exact edge files (from pass 2) -> graph statistics.
+
+    Writes ``out_dir/duplicates/part-<i>.parquet`` and the labels of part i to ``label_paths(labels_dir, k)[i]``.
+    Every input is a file, so a task lost with its node is run again from files (or from the outputs of
+    tasks Ray reconstructs by lineage).
     """
     t0 = time.time()
     files = [docs_files(work_docs, p) for p in range(k)]
-    split = [_split_edges.options(num_returns=2 * k).remote(r, k) for r in edge_refs]
+    split = [_split_edges.options(num_returns=2 * k).remote(f, k) for f in edge_files]
     near_by_a = [[s[i] for s in split] for i in range(k)]
     exact_by_id = [[s[k + i] for s in split] for i in range(k)]
 
@@ -330,7 +337,7 @@ def dedup_graph(edge_refs: list, *, work_docs: str, out_dir: str, k: int, ngram:
     first = _as_lists([_attach_first.options(num_returns=k).remote(files[i], k, *near_by_a[i]) for i in range(k)], k)
     verified = [_attach_second.remote(files[i], ngram, threshold if verify else None, *first[i]) for i in range(k)]
     n_verified = sum(ray.get([_count.remote(v) for v in verified]))
-    log.info("dedup graph: %d candidate blocks, %d verified near edges (%.1fs)", len(edge_refs), n_verified, time.time() - t0)
+    log.info("dedup graph: %d candidate files, %d verified near edges (%.1fs)", len(edge_files), n_verified, time.time() - t0)
     t0 = time.time()
 
     stars, rounds = connected_components(verified, k, max_rounds) if n_verified else ([_empty_edges.remote() for _ in range(k)], 0)
@@ -340,16 +347,15 @@ def dedup_graph(edge_refs: list, *, work_docs: str, out_dir: str, k: int, ngram:
     first = _as_lists([_attach_first.options(num_returns=k).remote(files[i], k, *pairs[i]) for i in range(k)], k)
     sims = [_attach_second.remote(files[i], ngram, None, *first[i]) for i in range(k)]
 
-    finals = [_finalize.options(num_returns=2).remote(os.path.join(out_dir, "duplicates", f"part-{i:05d}.parquet"),
-                                                      exact_by_id[i], roots[i], [sims[i]]) for i in range(k)]
-    labels = [f[0] for f in finals]
-    part_stats = ray.get([f[1] for f in finals])
+    labels = label_paths(labels_dir, k)
+    part_stats = ray.get([_finalize.remote(os.path.join(out_dir, "duplicates", f"part-{i:05d}.parquet"), labels[i],
+                                           exact_by_id[i], roots[i], [sims[i]]) for i in range(k)])
     log.info("dedup graph: %d connected-component rounds, similarities and labels (%.1fs)", rounds, time.time() - t0)
     stats = {"verified_edges": int(n_verified), "cc_rounds": rounds,
              "exact_clusters": sum(s["exact_clusters"] for s in part_stats),
              "near_clusters": sum(s["near_clusters"] for s in part_stats),
              "duplicate_rows": sum(s["duplicate_rows"] for s in part_stats)}
-    return labels, stats
+    return stats
 
 
 @ray.remote

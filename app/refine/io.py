@@ -276,6 +276,6 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 def write_table(table: pa.Table, path: str) -> None:
     """Write one Parquet file atomically (temp name, then rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")  # hidden until complete
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)

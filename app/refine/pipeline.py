@@ -1,12 +1,17 @@
-"""The refine job as a Ray Data plan.
+"""The refine job as a Ray Data plan, in resumable units (``app.refine.resume``).
 
     pass 1 (streaming)   read + parse/quarantine -> normalize -> heuristics -> exact key -> MinHash bands
-                         -> WorkSink: _work/docs/p=<part>/ (by id hash) + quarantine/
-    pass 2 (shuffle)     bucket rows (exact key + band keys) -> Ray Data groupby(key).map_groups -> edges
-    pass 3 (Ray tasks)   verify candidates (exact Jaccard) -> connected components -> duplicates/ + labels
+                         -> WorkSink: _work/docs/p=<part>/ (by id hash) + quarantine/      [a unit per file group]
+    pass 2 (shuffle)     bucket rows (exact key + band keys) -> Ray Data groupby(key).map_groups -> _work/edges/
+    pass 3 (Ray tasks)   verify candidates (exact Jaccard) -> connected components -> duplicates/ + _work/labels/
+                                                                                           [passes 2-3: one unit]
     pass 4 (streaming)   _work/docs -> decide (dedup + heuristics) -> [model steps -> _work/scored/ + per-source
-                         statistics -> quality decision] -> OutputSink: kept/ + dropped/
+                         statistics [a unit per group of partitions] -> quality decision] -> OutputSink: kept/ +
+                         dropped/                                                          [one unit]
     report               report.json (+ report.html), accounting checked: input = kept + dropped + quarantined
+
+Every stage reads files and writes files, so a worker node lost mid-run costs only its tasks, which Ray
+runs again elsewhere; a driver lost mid-run costs only the unfinished units, which the next run redoes.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ import pyarrow.parquet as pq
 import ray
 
 from app.config import RefineConfig, to_dict
-from app.refine.components import dedup_graph
+from app.refine.components import dedup_graph, label_paths
 from app.models import resolve
-from app.refine.decide import decide_step, quality_step, summarize
+from app.refine.decide import decide_step, merge_stats, quality_step, summarize
 from app.refine.exact import exact_step
 from app.refine.heuristics import heuristics_step
 from app.refine.io import CorpusDatasource, expand_inputs
@@ -35,12 +40,10 @@ from app.refine.normalize import normalize_step
 from app.refine.profile import duplicate_samples, pick_duplicates
 from app.refine.report import AccountingError, build_report, write_report
 from app.refine.scoring import ScoredSink, add_model_steps, check_toxicity, mark_for_scoring
-from app.refine.sinks import OutputSink, WorkSink
+from app.refine.resume import default_checkpoint_bytes, file_prefix, open_run, split_parts, unit_name
+from app.refine.sinks import FilesSink, OutputSink, WorkSink, merge_counts
 
 log = logging.getLogger(__name__)
-
-OUTPUT_ENTRIES = ("kept", "dropped", "quarantine", "duplicates", "_work", "report.json", "report.html", "config.yaml")
-
 
 @ray.remote(num_cpus=0)
 class StepStats:
@@ -55,8 +58,10 @@ class StepStats:
         s["docs_in"] += docs_in
         s["docs_out"] += docs_out
 
-    def get(self) -> dict:
-        return self.steps
+    def take(self) -> dict:
+        """The sums so far, and start again (one record per unit of work)."""
+        out, self.steps = self.steps, {}
+        return out
 
 
 def _timed(name: str, fn, stats, table: pa.Table) -> pa.Table:
@@ -67,20 +72,20 @@ def _timed(name: str, fn, stats, table: pa.Table) -> pa.Table:
     return out
 
 
-_LABEL_CACHE: dict = {}  # per worker: the label tables of the last partitions seen
+_LABEL_CACHE: dict = {}  # per worker: the labels of the last partitions seen (by label file)
 _SUMMARY: dict = {}  # per worker: the per-source statistics of the current run (one entry)
 
 
-def _decide_batch(table: pa.Table, *, label_refs: list, k: int, heuristics_cfg, heuristics_enabled: bool, stats) -> pa.Table:
+def _decide_batch(table: pa.Table, *, labels: list, k: int, heuristics_cfg, heuristics_enabled: bool, stats) -> pa.Table:
     t0 = time.perf_counter()
     parts: list[dict] = []
-    if label_refs:
+    if labels:
         for p in set(partition_of(table.column("id").to_pylist(), k).tolist()):
-            key = label_refs[p].hex()
+            key = labels[p]
             if key not in _LABEL_CACHE:
                 if len(_LABEL_CACHE) >= 2:
                     _LABEL_CACHE.clear()
-                t = ray.get(label_refs[p])
+                t = pq.read_table(labels[p])
                 _LABEL_CACHE[key] = dict(zip(t.column("id").to_pylist(), zip(
                     t.column("exact_of").to_pylist(), t.column("near_of").to_pylist(), t.column("near_similarity").to_pylist())))
             parts.append(_LABEL_CACHE[key])
@@ -105,13 +110,19 @@ def _stream_files(paths: pa.Table, *, columns, batch_rows: int):
             yield pa.Table.from_batches([batch])
 
 
-def read_work(work_docs: str, columns, batch_rows: int):
-    """The work files as a Dataset, streamed row group by row group (one file per task input).
+def parquet_files(root: str, parts: list[int] | None = None) -> list[str]:
+    """The Parquet files under ``root`` (of partitions ``p=<i>`` only, when ``parts`` is given), sorted."""
+    dirs = [root] if parts is None else [os.path.join(root, f"p={p}") for p in parts]
+    return sorted(os.path.join(r, f) for d in dirs for r, _, names in os.walk(d) for f in names
+                  if f.endswith(".parquet") and not f.startswith("."))
+
+
+def read_work(files: list[str], columns, batch_rows: int):
+    """Work files as a Dataset, streamed row group by row group (one file per task input).
 
     A plain ``read_parquet`` holds far more than a batch per read task; this keeps a worker at one batch,
     and every block comes from one work file, so from one graph partition.
     """
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(work_docs) for f in names if f.endswith(".parquet"))
     return ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files))).map_batches(
         functools.partial(_stream_files, columns=columns, batch_rows=batch_rows), batch_format="pyarrow", batch_size=1)
 
@@ -128,20 +139,35 @@ def num_partitions_for(files: list[str], partition_bytes: int) -> int:
     return max(4, -(-total // partition_bytes))
 
 
-def prepare_output(out_dir: str, overwrite: bool) -> None:
-    present = [e for e in OUTPUT_ENTRIES if os.path.exists(os.path.join(out_dir, e))]
-    if present and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds refine output ({', '.join(present)}); "
-                              "pass --overwrite to replace it")
-    for e in present:
-        p = os.path.join(out_dir, e)
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    os.makedirs(out_dir, exist_ok=True)
+def _on_this_node():
+    """Actors the driver needs to the end live on the driver's node: a lost worker node does not take them."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _sum_seconds(records) -> dict:
+    out: dict = {}
+    for r in records:
+        for name, sec in r.get("seconds", {}).items():
+            out[name] = out.get(name, 0.0) + sec
+    return out
+
+
+def _merge_steps(records) -> dict:
+    out: dict = {}
+    for r in records:
+        for name, st in r.get("steps", {}).items():
+            o = out.setdefault(name, {"seconds": 0.0, "docs_in": 0, "docs_out": 0})
+            for key in o:
+                o[key] += st[key]
+    return out
 
 
 def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite: bool = False,
                keep_work: bool = False) -> dict:
-    """Run the whole refine job; returns the report (also written to ``out_dir/report.json``)."""
+    """Run the whole refine job, or resume it (``app.refine.resume``); returns the report (also in
+    ``out_dir/report.json``)."""
     import yaml
 
     t_start = time.time()
@@ -151,89 +177,137 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
         resolve(cfg.perplexity.model)
     toxicity_ok, toxicity_reason = check_toxicity(cfg)
     out_dir = os.path.abspath(out_dir)
-    prepare_output(out_dir, overwrite)
     k = cfg.dedup.num_partitions or num_partitions_for(files, cfg.dedup.partition_bytes)
     cfg = dataclasses.replace(cfg, dedup=dataclasses.replace(cfg.dedup, num_partitions=k))  # resolved
+    run = open_run(out_dir, files, cfg, overwrite=overwrite, toxicity_ok=toxicity_ok,
+                   checkpoint_bytes=cfg.io.checkpoint_bytes or default_checkpoint_bytes())
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    work_docs = os.path.join(out_dir, "_work", "docs")
+    work = run.work
+    work_docs, labels_dir = os.path.join(work, "docs"), os.path.join(work, "labels")
+    quarantine_dir, dup_dir = os.path.join(out_dir, "quarantine"), os.path.join(out_dir, "duplicates")
     near, exact = cfg.dedup.near, cfg.dedup.exact
     bands, rows = lsh_params(near.threshold, near.num_perm, near.fp_weight, near.fn_weight)
-    stats = StepStats.remote()
-    phases: dict[str, float] = {}
-    log.info("refine: %d input files -> %s (LSH bands=%d rows=%d, %d partitions)", len(files), out_dir, bands, rows, k)
+    stats = StepStats.options(scheduling_strategy=_on_this_node()).remote()
+    groups = run.state["groups"]
+    log.info("refine: %d input files in %d groups -> %s (LSH bands=%d rows=%d, %d partitions)", len(files), len(groups),
+             out_dir, bands, rows, k)
 
-    # ---- pass 1: parse, score, hash; quarantine the malformed
-    t0 = time.time()
-    ds = ray.data.read_datasource(CorpusDatasource(
-        files, text_field=cfg.io.text_field, id_field=cfg.io.id_field, max_doc_bytes=cfg.io.max_doc_bytes,
-        block_rows=cfg.io.block_rows, quarantine_raw_bytes=cfg.io.quarantine_raw_bytes))
+    # ---- pass 1: parse, score, hash; quarantine the malformed. One unit per group of input files.
     steps = [("normalize", normalize_step), ("exact_hash", exact_step)]
     if cfg.heuristics.enabled:
         steps.insert(1, ("heuristics", heuristics_step))
     if near.enabled:
         steps.append(("minhash", functools.partial(minhash_step, num_perm=near.num_perm, ngram=near.ngram,
                                                    seed=near.seed, bands=bands, rows=rows)))
-    for name, fn in steps:
-        ds = ds.map_batches(functools.partial(_timed, name, fn, stats), batch_format="pyarrow",
-                            batch_size=cfg.io.batch_size)
-    work_sink = WorkSink(work_docs, os.path.join(out_dir, "quarantine"), k)
-    ds.write_datasink(work_sink)
-    phases["parse_and_score"] = time.time() - t0
-    n_good = sum(c["records"] - c["quarantined"] for c in work_sink.counts.values())
+    ingest = []
+    for g, group in enumerate(groups):
+        unit = unit_name("ingest", g)
+        rec = run.done(unit)
+        if rec is None:
+            t0 = time.time()
+            run.clear([work_docs, quarantine_dir], file_prefix(g))
+            ds = ray.data.read_datasource(CorpusDatasource(
+                group, text_field=cfg.io.text_field, id_field=cfg.io.id_field, max_doc_bytes=cfg.io.max_doc_bytes,
+                block_rows=cfg.io.block_rows, quarantine_raw_bytes=cfg.io.quarantine_raw_bytes))
+            for name, fn in steps:
+                ds = ds.map_batches(functools.partial(_timed, name, fn, stats), batch_format="pyarrow",
+                                    batch_size=cfg.io.batch_size)
+            work_sink = WorkSink(work_docs, quarantine_dir, k, prefix=file_prefix(g))
+            ds.write_datasink(work_sink)
+            rec = {"counts": work_sink.counts, "steps": ray.get(stats.take.remote()),
+                   "seconds": {"parse_and_score": time.time() - t0}}
+            run.finish(unit, rec)
+        ingest.append(rec)
+    ingest_counts = merge_counts(r["counts"] for r in ingest)
+    n_good = sum(c["records"] - c["quarantined"] for c in ingest_counts.values())
+    records = list(ingest)
 
-    # ---- pass 2 + 3: duplicate graph
-    label_refs: list = []
+    # ---- pass 2 + 3: the duplicate graph (one unit)
+    labels: list = []
     graph_stats: dict = {"verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "duplicate_rows": 0}
     if (exact.enabled or near.enabled) and n_good:
-        t0 = time.time()
-        cols = ["id", "exact_hash"] + (["bands"] if near.enabled else [])
-        edges = (read_work(work_docs, cols, cfg.io.batch_size)
-                 .map_batches(functools.partial(bucket_rows, exact=exact.enabled, near=near.enabled),
-                              batch_format="pyarrow", batch_size=None)
-                 .groupby("key", num_partitions=k).map_groups(bucket_edges, batch_format="pyarrow"))
-        edge_refs = edges.to_arrow_refs()
-        phases["buckets"] = time.time() - t0
-        t0 = time.time()
-        label_refs, graph_stats = dedup_graph(edge_refs, work_docs=work_docs, out_dir=out_dir, k=k, ngram=near.ngram,
-                                              threshold=near.threshold, verify=near.verify, max_rounds=cfg.dedup.max_cc_rounds)
-        phases["dedup_graph"] = time.time() - t0
+        labels = label_paths(labels_dir, k)
+        rec = run.done("graph")
+        if rec is None:
+            edges_dir = os.path.join(work, "edges")
+            run.clear([edges_dir, labels_dir, dup_dir])
+            t0 = time.time()
+            cols = ["id", "exact_hash"] + (["bands"] if near.enabled else [])
+            (read_work(parquet_files(work_docs), cols, cfg.io.batch_size)
+             .map_batches(functools.partial(bucket_rows, exact=exact.enabled, near=near.enabled),
+                          batch_format="pyarrow", batch_size=None)
+             .groupby("key", num_partitions=k).map_groups(bucket_edges, batch_format="pyarrow")
+             .write_datasink(FilesSink(edges_dir)))
+            t1 = time.time()
+            gstats = dedup_graph(parquet_files(edges_dir), work_docs=work_docs, out_dir=out_dir, labels_dir=labels_dir,
+                                 k=k, ngram=near.ngram, threshold=near.threshold, verify=near.verify,
+                                 max_rounds=cfg.dedup.max_cc_rounds)
+            rec = {"stats": gstats, "seconds": {"buckets": t1 - t0, "dedup_graph": time.time() - t1}}
+            run.finish("graph", rec)
+        graph_stats = rec["stats"]
+        records.append(rec)
 
-    # ---- pass 4: decide (and score) and write
-    t0 = time.time()
-    dup_picks = pick_duplicates(os.path.join(out_dir, "duplicates"), cfg.report.samples)
-    out_sink = OutputSink(out_dir, max_toxicity=cfg.decide.max_toxicity, samples=cfg.report.samples,
-                          lookup_ids={d for p in dup_picks for d in (p["id"], p["representative_id"])})
-    summary: dict = {}
-    if n_good:
-        # Whole blocks: a work file holds one partition, so a worker holds one partition's labels at a time.
-        ds = read_work(work_docs, None, cfg.io.batch_size).map_batches(
-            functools.partial(_decide_batch, label_refs=label_refs, k=k, heuristics_cfg=cfg.heuristics,
-                              heuristics_enabled=cfg.heuristics.enabled, stats=stats),
-            batch_format="pyarrow", batch_size=None)
-        if cfg.perplexity.enabled or toxicity_ok:
-            ds = add_model_steps(ds.map_batches(functools.partial(mark_for_scoring, score_dropped=cfg.scoring.score_dropped),
-                                                batch_format="pyarrow", batch_size=None), cfg, toxicity_ok)
-            scored_sink = ScoredSink(os.path.join(out_dir, "_work", "scored"))
-            ds.write_datasink(scored_sink)
-            phases["score"] = time.time() - t0
-            summary = summarize(scored_sink.stats)
-            ds = read_work(scored_sink.work_scored, None, cfg.io.batch_size).map_batches(
-                functools.partial(_quality_batch, summary_ref=ray.put(summary), decide_cfg=cfg.decide,
-                                  heuristics_cfg=cfg.heuristics, heuristics_enabled=cfg.heuristics.enabled),
-                batch_format="pyarrow", batch_size=None)
-        ds.write_datasink(out_sink)
-    phases["decide_and_write"] = time.time() - t0
-    phases["total"] = time.time() - t_start
+    # ---- pass 4: decide (and score, one unit per group of graph partitions) and write (one unit)
+    dup_picks = pick_duplicates(dup_dir, cfg.report.samples)
+    decide = functools.partial(_decide_batch, labels=labels, k=k, heuristics_cfg=cfg.heuristics,
+                               heuristics_enabled=cfg.heuristics.enabled, stats=stats)
+    scoring = cfg.perplexity.enabled or toxicity_ok
+    score_recs = []
+    if scoring and n_good:
+        scored_dir = os.path.join(work, "scored")
+        for g, parts in enumerate(split_parts(k, len(groups))):
+            unit = unit_name("score", g)
+            rec = run.done(unit)
+            if rec is None:
+                t0 = time.time()
+                run.clear([scored_dir], file_prefix(g))
+                # Whole blocks: a work file holds one partition, so a worker holds one partition's labels at a time.
+                ds = read_work(parquet_files(work_docs, parts), None, cfg.io.batch_size).map_batches(
+                    decide, batch_format="pyarrow", batch_size=None)
+                ds = add_model_steps(ds.map_batches(functools.partial(mark_for_scoring, score_dropped=cfg.scoring.score_dropped),
+                                                    batch_format="pyarrow", batch_size=None), cfg, toxicity_ok)
+                scored_sink = ScoredSink(scored_dir, prefix=file_prefix(g))
+                ds.write_datasink(scored_sink)
+                rec = {"stats": scored_sink.stats, "steps": ray.get(stats.take.remote()),
+                       "seconds": {"score": time.time() - t0}}
+                run.finish(unit, rec)
+            score_recs.append(rec)
+        records.extend(score_recs)
+    rec = run.done("output")
+    if rec is None:
+        t0 = time.time()
+        run.clear([os.path.join(out_dir, "kept"), os.path.join(out_dir, "dropped")])
+        out_sink = OutputSink(out_dir, max_toxicity=cfg.decide.max_toxicity, samples=cfg.report.samples,
+                              lookup_ids={d for p in dup_picks for d in (p["id"], p["representative_id"])})
+        summary: dict = {}
+        if n_good:
+            if scoring:
+                summary = summarize(merge_stats(r["stats"] for r in score_recs))
+                ds = read_work(parquet_files(scored_dir), None, cfg.io.batch_size).map_batches(
+                    functools.partial(_quality_batch, summary_ref=ray.put(summary), decide_cfg=cfg.decide,
+                                      heuristics_cfg=cfg.heuristics, heuristics_enabled=cfg.heuristics.enabled),
+                    batch_format="pyarrow", batch_size=None)
+            else:
+                ds = read_work(parquet_files(work_docs), None, cfg.io.batch_size).map_batches(
+                    decide, batch_format="pyarrow", batch_size=None)
+            ds.write_datasink(out_sink)
+        rec = {"counts": out_sink.counts, "profile": out_sink.profile, "summary": summary,
+               "steps": ray.get(stats.take.remote()), "seconds": {"decide_and_write": time.time() - t0}}
+        run.finish("output", rec)
+    records.append(rec)
 
-    report = build_report(files=files, cfg=cfg, ingest=work_sink.counts, output=out_sink.counts,
-                          steps=ray.get(stats.get.remote()), graph=graph_stats, phases=phases,
-                          lsh={"bands": bands, "rows": rows}, out_dir=out_dir, scores=summary,
-                          toxicity=(toxicity_ok, toxicity_reason), profile=out_sink.profile,
-                          duplicate_samples=duplicate_samples(dup_picks, out_sink.profile["lookup"]))
+    phases = _sum_seconds(records)
+    phases["total"] = sum(phases.values())
+    report = build_report(files=files, cfg=cfg, ingest=ingest_counts, output=rec["counts"], steps=_merge_steps(records),
+                          graph=graph_stats, phases=phases, lsh={"bands": bands, "rows": rows}, out_dir=out_dir,
+                          scores=rec["summary"], toxicity=(toxicity_ok, toxicity_reason), profile=rec["profile"],
+                          duplicate_samples=duplicate_samples(dup_picks, rec["profile"]["lookup"]))
+    report["resume"] = {**run.summary(), "this_run_seconds": round(time.time() - t_start, 3)}
     write_report(report, out_dir)
+    run.finish("complete", {"accounting_ok": report["accounting"]["ok"]})
     if not keep_work:
-        shutil.rmtree(os.path.join(out_dir, "_work"), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     if not report["accounting"]["ok"]:
         raise AccountingError(report["accounting"]["message"])
     return report

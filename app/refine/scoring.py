@@ -84,8 +84,9 @@ def add_model_steps(ds, cfg, toxicity_ok: bool):
 class ScoredSink(Datasink):
     """Scored documents -> ``work_scored/`` block by block; per-source statistics for the decision."""
 
-    def __init__(self, work_scored: str):
+    def __init__(self, work_scored: str, prefix: str = ""):
         self.work_scored = work_scored
+        self.prefix = prefix
         self.stats: dict = {}
 
     def write(self, blocks, ctx) -> dict:
@@ -93,7 +94,7 @@ class ScoredSink(Datasink):
         parts = []
         for block in blocks:
             if block.num_rows:
-                out.write(os.path.join(self.work_scored, f"part-{ctx.task_idx:06d}.parquet"), block)
+                out.write(os.path.join(self.work_scored, f"{self.prefix}part-{ctx.task_idx:06d}.parquet"), block)
                 parts.append(batch_stats(block))
         out.close()
         return merge_stats(parts)

@@ -2,9 +2,11 @@
 
 ``WorkSink``   parsed + scored records -> ``_work/docs/p=<part>/`` (hash-partitioned by id) and
                malformed records -> ``quarantine/``; returns per-source record/quarantine counts.
+``FilesSink``  any blocks -> Parquet files.
 ``OutputSink`` decided records -> ``kept/`` and ``dropped/``; returns per-source keep/drop counts and the
                dashboard's profile (``app.refine.profile``).
-File names derive from the write task index, so a retried task rewrites its own files.
+File names derive from the write task index, so a retried task rewrites its own files; a file is written
+under a hidden temporary name and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class _Writers:
     def write(self, path: str, table: pa.Table) -> None:
         if path not in self.open:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
+            # hidden (pyarrow's dataset readers skip it): a writer killed mid-file leaves nothing a reader sees
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
             self.open[path] = (pq.ParquetWriter(tmp, table.schema, compression="zstd"), tmp)
         self.open[path][0].write_table(table)
 
@@ -65,16 +68,19 @@ def merge_counts(parts: Iterable[dict]) -> dict:
 
 
 class WorkSink(Datasink):
-    def __init__(self, work_docs: str, quarantine_dir: str, num_partitions: int):
+    """``prefix`` starts every file name (the resumable unit the files belong to: ``app.refine.resume``)."""
+
+    def __init__(self, work_docs: str, quarantine_dir: str, num_partitions: int, prefix: str = ""):
         self.work_docs = work_docs
         self.quarantine_dir = quarantine_dir
         self.k = num_partitions
+        self.prefix = prefix
         self.counts: dict = {}
 
     def write(self, blocks, ctx) -> dict:
         counts: dict = defaultdict(lambda: {"records": 0, "quarantined": 0, "quarantine_reasons": Counter()})
         out = _Writers()
-        name = f"{ctx.task_idx:06d}.parquet"
+        name = f"{self.prefix}{ctx.task_idx:06d}.parquet"
         for block in blocks:
             if block.num_rows == 0:
                 continue
@@ -83,7 +89,7 @@ class WorkSink(Datasink):
             is_bad = pc.is_valid(block.column("error"))
             bad_rows = block.filter(is_bad)
             if bad_rows.num_rows:
-                out.write(os.path.join(self.quarantine_dir, f"part-{name}"), bad_rows.select(QUARANTINE_COLUMNS))
+                out.write(os.path.join(self.quarantine_dir, name), bad_rows.select(QUARANTINE_COLUMNS))
                 for src, err in zip(bad_rows.column("source").to_pylist(), bad_rows.column("error").to_pylist()):
                     counts[src]["quarantined"] += 1
                     counts[src]["quarantine_reasons"][err] += 1
@@ -97,6 +103,21 @@ class WorkSink(Datasink):
 
     def on_write_complete(self, write_result) -> None:
         self.counts = merge_counts(write_result.write_returns)
+
+
+class FilesSink(Datasink):
+    """Blocks -> ``<dir>/part-<task>.parquet`` (the edges of pass 2: files, so pass 3 never depends on blocks
+    held by a node that may be lost)."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def write(self, blocks, ctx) -> None:
+        out = _Writers()
+        for block in blocks:
+            if block.num_rows:
+                out.write(os.path.join(self.out, f"part-{ctx.task_idx:06d}.parquet"), block)
+        out.close()
 
 
 class OutputSink(Datasink):

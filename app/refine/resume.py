@@ -1,0 +1,209 @@
+"""Resumable refine runs: a fingerprint, a plan, and one marker per finished unit of work.
+
+    _work/state.json        written before any data is read: the fingerprint (the resolved config + every input
+                            file with its size and mtime) and the plan (pass-1 groups of input files)
+    _work/done/<unit>.json  one per finished unit, written atomically after the unit's files are in place:
+                              ingest-g<NNNNN>  pass 1 of one group of input files (its counts, its step times)
+                              graph            passes 2-3: duplicates/ and _work/labels/ (+ graph statistics)
+                              score-g<NNNNN>   the model scores of one group of graph partitions (+ statistics)
+                              output           pass 4: kept/ and dropped/ (+ their counts and the profile)
+                              complete         report.json written
+
+Every file a unit writes is named after the unit (``g<NNNNN>-...``), so the files of a unit that was cut off
+are found, deleted and written again; a finished unit is never redone. DataTrove resumes the same way
+(completion files per task), at the granularity of the plan.
+
+A re-run into the same directory: the same fingerprint -> the run resumes; another fingerprint -> refused,
+naming what differs, unless ``--overwrite``; a finished run -> refused unless ``--overwrite``. Settings that
+change only how the work runs, not what it produces (``EXECUTION_ONLY``), may differ between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Optional
+
+from app.config import to_dict
+
+log = logging.getLogger(__name__)
+
+OUTPUT_ENTRIES = ("kept", "dropped", "quarantine", "duplicates", "_work", "report.json", "report.html", "config.yaml")
+
+EXECUTION_ONLY = frozenset({
+    "io.batch_size", "io.block_rows", "io.checkpoint_bytes",
+    "perplexity.concurrency", "perplexity.tokenize_concurrency", "toxicity.concurrency",
+})
+"""Config keys a resumed run may change: batch sizes, pool sizes, the checkpoint size (the plan is kept)."""
+
+UNKNOWN_SIZE = 256 * 1024 * 1024  # a remote input file counts this many bytes when planning groups
+MIN_CHECKPOINT = 1 << 30
+CHECKPOINT_PER_CPU = 100 * 1024 * 1024
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _file_entry(path: str) -> list:
+    if "://" in path:
+        return [path, None, None]
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(files: list[str], cfg, toxicity_ok: bool = False) -> dict:
+    """What fixes a run's output: the config, the inputs, and whether the Detoxify checkpoint loaded. As it
+    reads back from JSON (tuples become lists), so a fresh one compares equal to a stored one."""
+    return json.loads(json.dumps({"config": to_dict(cfg), "inputs": [_file_entry(f) for f in files],
+                                  "toxicity_available": toxicity_ok}))
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, beyond EXECUTION_ONLY settings (empty: the same run)."""
+    out = []
+    if old.get("toxicity_available") != new.get("toxicity_available"):
+        out.append(f"toxicity available: {old.get('toxicity_available')} -> {new.get('toxicity_available')}")
+    a, b = _flat(old["config"]), _flat(new["config"])
+    for key in sorted(set(a) | set(b)):
+        if key not in EXECUTION_ONLY and a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    old_in = {p: (s, m) for p, s, m in old["inputs"]}
+    new_in = {p: (s, m) for p, s, m in new["inputs"]}
+    gone = sorted(set(old_in) - set(new_in))
+    added = sorted(set(new_in) - set(old_in))
+    changed = sorted(p for p in set(old_in) & set(new_in) if old_in[p] != new_in[p])
+    for what, paths in (("input files gone", gone), ("input files added", added), ("input files changed", changed)):
+        if paths:
+            out.append(f"{what}: {len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})")
+    return out
+
+
+def default_checkpoint_bytes() -> int:
+    """100 MB of input per cluster CPU (a few minutes of pass 1 at the measured rate), at least 1 GiB."""
+    import ray
+
+    return max(MIN_CHECKPOINT, int(ray.cluster_resources().get("CPU", 1)) * CHECKPOINT_PER_CPU)
+
+
+def plan_groups(files: list[str], checkpoint_bytes: int) -> list[list[str]]:
+    """Consecutive input files (sorted) -> groups of about ``checkpoint_bytes`` each (a file is never split)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for f in files:
+        if groups[-1] and size >= checkpoint_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += UNKNOWN_SIZE if "://" in f else os.path.getsize(f)
+    return groups
+
+
+def split_parts(k: int, n_units: int) -> list[list[int]]:
+    """Graph partitions 0..k-1 -> ``n_units`` (at most k) groups of consecutive partitions."""
+    n = max(1, min(k, n_units))
+    return [list(range(i * k // n, (i + 1) * k // n)) for i in range(n)]
+
+
+def unit_name(kind: str, g: int) -> str:
+    return f"{kind}-g{g:05d}"
+
+
+def file_prefix(g: int) -> str:
+    return f"g{g:05d}-"
+
+
+class RefineRun:
+    """The state of one refine output directory: its plan and its finished units."""
+
+    def __init__(self, out_dir: str, state: dict, resumed: bool):
+        self.out_dir = out_dir
+        self.state = state
+        self.resumed = resumed
+        self.skipped: list[str] = []
+        self.ran: list[str] = []
+
+    @property
+    def work(self) -> str:
+        return os.path.join(self.out_dir, "_work")
+
+    def _marker(self, unit: str) -> str:
+        return os.path.join(self.work, "done", f"{unit}.json")
+
+    def done(self, unit: str) -> Optional[dict]:
+        """The record of a finished unit (and it counts as skipped), or None."""
+        try:
+            with open(self._marker(unit)) as f:
+                rec = json.load(f)
+        except FileNotFoundError:
+            return None
+        self.skipped.append(unit)
+        return rec
+
+    def finish(self, unit: str, record: dict) -> None:
+        path = self._marker(unit)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_json(path, record)
+        self.ran.append(unit)
+
+    def clear(self, dirs: list[str], prefix: str = "") -> None:
+        """Delete what a cut-off unit may have left: files named ``prefix*`` (all, without a prefix) in ``dirs``,
+        and the hidden temporary files of interrupted writers."""
+        for d in dirs:
+            if not os.path.isdir(d):
+                continue
+            if not prefix:
+                shutil.rmtree(d)
+                continue
+            for root, _, names in os.walk(d):
+                for n in names:
+                    if n.startswith(prefix) or n.startswith("." + prefix):
+                        os.remove(os.path.join(root, n))
+
+    def summary(self) -> dict:
+        return {"resumed": self.resumed, "units_skipped": sorted(self.skipped), "units_run": sorted(self.ran)}
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def open_run(out_dir: str, files: list[str], cfg, *, overwrite: bool, checkpoint_bytes: int,
+             toxicity_ok: bool = False) -> RefineRun:
+    """Start, resume or refuse a refine run in ``out_dir`` (see the module docstring)."""
+    state_path = os.path.join(out_dir, "_work", "state.json")
+    fp = fingerprint(files, cfg, toxicity_ok)
+    present = [e for e in OUTPUT_ENTRIES if os.path.exists(os.path.join(out_dir, e))]
+    if present and not overwrite:
+        finished = os.path.exists(os.path.join(out_dir, "_work", "done", "complete.json"))
+        if finished or (not os.path.exists(state_path) and "report.json" in present):
+            raise FileExistsError(f"{out_dir} holds a finished refine run (report.json); pass --overwrite to replace it")
+        if not os.path.exists(state_path):
+            raise FileExistsError(f"{out_dir} already holds files of a refine run ({', '.join(present)}) but no "
+                                  "_work/state.json to resume it from; pass --overwrite to replace them")
+        with open(state_path) as f:
+            state = json.load(f)
+        diff = differences(state["fingerprint"], fp)
+        if diff:
+            raise FileExistsError(f"{out_dir} holds an unfinished refine run of other inputs or settings "
+                                  f"({'; '.join(diff)}); run it with those to resume, or pass --overwrite to replace it")
+        done = len(os.listdir(os.path.join(out_dir, "_work", "done"))) if os.path.isdir(
+            os.path.join(out_dir, "_work", "done")) else 0
+        log.info("refine: resuming the run in %s (%d units finished)", out_dir, done)
+        return RefineRun(out_dir, state, resumed=True)
+    for e in present:
+        p = os.path.join(out_dir, e)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    os.makedirs(os.path.join(out_dir, "_work"), exist_ok=True)
+    state = {"fingerprint": fp, "groups": plan_groups(files, checkpoint_bytes)}
+    _write_json(state_path, state)
+    return RefineRun(out_dir, state, resumed=False)
