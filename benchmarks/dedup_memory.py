@@ -95,7 +95,7 @@ def measure(inp: str, out: str, partition_mib: int, block_mib: int) -> dict:
     from app.config import RefineConfig, load_config
     from app.refine.pipeline import run_refine
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     # Blocks are capped at 128 MiB by default, so a real corpus (>> 128 MiB) is many blocks; a corpus of a

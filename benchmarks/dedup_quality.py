@@ -73,7 +73,7 @@ def main() -> None:
     t0 = time.time()
     gt = truth(docs, args.threshold)
     print(f"corpus: {len(docs)} real documents; ground truth: {len(gt)} duplicate pairs ({time.time() - t0:.1f}s brute force)")
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "corpus.jsonl"), "w") as f:

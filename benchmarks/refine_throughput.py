@@ -29,7 +29,7 @@ def run(inp: str, out: str, cpus: int) -> tuple[float, dict]:
     from app.config import RefineConfig, load_config
     from app.refine.pipeline import run_refine
 
-    ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.time()
     rep = run_refine([inp], out, load_config(RefineConfig, None, ["perplexity.enabled=false", "toxicity.enabled=false"]))

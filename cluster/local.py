@@ -3,6 +3,7 @@
     python cluster/local.py up [--workers 2] [--worker-cpus 1] [--head-cpus 1] [--state out/cluster]
     python cluster/local.py down [--state out/cluster]
     python cluster/local.py env [--state out/cluster]        # the client environment, as shell exports
+    python cluster/local.py kill-worker [--state out/cluster] # a crash drill: one worker node dies (SIGKILL)
 
 ``make cluster-up`` / ``make cluster-down`` call it. ``up`` starts one background process (in its own process
 group, its pid in STATE/cluster.json) that holds the nodes, and returns once every node is alive; ``down`` stops
@@ -57,6 +58,13 @@ def client_env(state: str) -> dict:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def _record(state: str, info: dict) -> None:
+    tmp = os.path.join(state, "cluster.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(state, "cluster.json"))
+
+
 def _hold(state: str, workers: int, head_cpus: float, worker_cpus: float, port: int, dashboard_port: int) -> None:
     """The background process: start the nodes, record them, wait for SIGTERM, stop them."""
     from ray.cluster_utils import Cluster
@@ -69,17 +77,24 @@ def _hold(state: str, workers: int, head_cpus: float, worker_cpus: float, port: 
     for i in range(workers):
         cluster.add_node(num_cpus=worker_cpus, node_ip_address="127.0.0.1", dashboard_agent_listen_port=agents[i + 1])
     cluster.wait_for_nodes()
-    stop = []
+    stop, kill = [], []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGUSR1, lambda *_: kill.append(1))
     info = {"pid": os.getpid(), "address": cluster.address, "port": port, "dashboard_port": dashboard_port,
-            "nodes": workers + 1}
-    tmp = os.path.join(state, "cluster.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(state, "cluster.json"))
+            "nodes": workers + 1, "killed": 0}
+    _record(state, info)
     print(f"cluster up: {info}", flush=True)
     while not stop:
-        time.sleep(0.5)
+        if kill:
+            kill.clear()
+            if cluster.worker_nodes:
+                # every process of the node at once, no graceful shutdown: what a crashed machine looks like
+                cluster.remove_node(list(cluster.worker_nodes)[-1], allow_graceful=False)
+                info["nodes"] -= 1
+            info["killed"] += 1  # counted even with no worker left, so the caller stops waiting
+            _record(state, info)
+            print(f"killed a worker node: {info}", flush=True)
+        time.sleep(0.2)
     cluster.shutdown()
     print("cluster down", flush=True)
 
@@ -123,6 +138,24 @@ def up(state: str, workers: int, head_cpus: float, worker_cpus: float, port: int
         return json.load(f)
 
 
+def kill_worker(state: str, timeout: float = 60) -> dict:
+    """Kill one worker node (all its processes, SIGKILL) through the holder; returns the updated record."""
+    path = os.path.join(state, "cluster.json")
+    with open(path) as f:
+        info = json.load(f)
+    if info["nodes"] <= 1:
+        raise SystemExit("no worker node left to kill")
+    os.kill(info["pid"], signal.SIGUSR1)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(path) as f:
+            now = json.load(f)
+        if now["killed"] > info["killed"]:
+            return now
+        time.sleep(0.2)
+    raise SystemExit(f"the holder (pid {info['pid']}) did not kill a node in {timeout:.0f}s")
+
+
 def down(state: str, timeout: float = 60) -> int:
     path = os.path.join(state, "cluster.json")
     if not os.path.exists(path):
@@ -150,7 +183,7 @@ def down(state: str, timeout: float = 60) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["up", "down", "env", "_hold"])
+    ap.add_argument("action", choices=["up", "down", "env", "kill-worker", "_hold"])
     ap.add_argument("--state", default="out/cluster", help="where the token, the log and cluster.json live")
     ap.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
     ap.add_argument("--head-cpus", type=float, default=1)
@@ -163,6 +196,10 @@ def main() -> int:
         return 0
     if a.action == "down":
         return down(a.state)
+    if a.action == "kill-worker":
+        info = kill_worker(a.state)
+        print(f"killed one worker node: {info['nodes']} nodes left", file=sys.stderr)
+        return 0
     if a.action == "up":
         info = up(a.state, a.workers, a.head_cpus, a.worker_cpus, a.port, a.dashboard_port)
         print(f"Ray cluster up: {info['nodes']} nodes on 127.0.0.1 (GCS {info['address']}, dashboard and job API "

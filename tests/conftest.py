@@ -35,7 +35,7 @@ def ray_local():
 
     if not ray.is_initialized():
         # the dashboard (127.0.0.1) serves the State API that Ray Train v2 needs to clean up after stopped trials
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -238,9 +238,12 @@ def _free_ports(n):
             s.close()
 
 
-def test_local_cluster_with_token_auth_runs_the_refine_job(corpus, run1, tmp_path):
-    """``make cluster-up``'s cluster (cluster/local.py: a head and 2 worker nodes on 127.0.0.1, token auth on), then
-    ``ray job submit -- python jobs/refine.py``: the same output as one node; a client without the token is refused."""
+def test_local_cluster_with_token_auth_survives_a_lost_worker_node(corpus, run1, tmp_path):
+    """``make cluster-up``'s cluster (cluster/local.py: a head without CPUs and 2 worker nodes on 127.0.0.1, token
+    auth on), then ``ray job submit -- python jobs/refine.py``; once the first of its 4 pass-1 units is done,
+    ``cluster/local.py kill-worker`` kills one worker node (every process, SIGKILL) while the other works on. The
+    job still succeeds, with the output of one undisturbed node (``run1``) and its accounting; a client without
+    the token is refused."""
     import json
     import subprocess
     import sys
@@ -250,7 +253,7 @@ def test_local_cluster_with_token_auth_runs_the_refine_job(corpus, run1, tmp_pat
     state = str(tmp_path / "cluster")
     port, dash = _free_ports(2)
     local = [sys.executable, os.path.join(REPO, "cluster", "local.py")]
-    up = subprocess.run([*local, "up", "--state", state, "--workers", "2", "--port", str(port),
+    up = subprocess.run([*local, "up", "--state", state, "--workers", "2", "--head-cpus", "0", "--port", str(port),
                          "--dashboard-port", str(dash)], capture_output=True, text=True, timeout=400, env=_env())
     out = os.path.join(corpus["root"], "out-job")
     try:
@@ -262,25 +265,42 @@ def test_local_cluster_with_token_auth_runs_the_refine_job(corpus, run1, tmp_pat
         anon = subprocess.run([ray_cli, "job", "list", f"--address=http://127.0.0.1:{dash}"], capture_output=True,
                               text=True, timeout=120, env={**_env(), "PATH": env["PATH"]})
         assert anon.returncode != 0 and "token" in anon.stdout + anon.stderr
-        nodes = subprocess.run([ray_cli, "list", "nodes", "--format=json", "--filter", "state=ALIVE"],
-                               capture_output=True, text=True, timeout=120, env=env)
-        ips = [n["node_ip"] for n in json.loads(nodes.stdout)]
+
+        def alive():
+            nodes = subprocess.run([ray_cli, "list", "nodes", "--format=json", "--filter", "state=ALIVE"],
+                                   capture_output=True, text=True, timeout=120, env=env)
+            return [n["node_ip"] for n in json.loads(nodes.stdout)]
+
+        ips = alive()
         assert len(ips) == 3 and all(ip == "127.0.0.1" for ip in ips), ips
         cmd = [ray_cli, "job", "submit", "--working-dir", REPO, "--",
                "python", "jobs/refine.py", "--input", corpus["input"], "--output", out,
                "--set", f"io.max_doc_bytes={corpus['max_doc_bytes']}", "--set", "dedup.num_partitions=3",
-               "--set", NO_MODELS[0], "--set", NO_MODELS[1]]
+               "--set", NO_MODELS[0], "--set", NO_MODELS[1], "--set", "io.checkpoint_bytes=1"]
+        first_unit = os.path.join(out, "_work", "done", "ingest-g00000.json")
         for _ in range(30):  # the job agent comes up a little after the nodes
-            job = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-            if "No available agent" not in job.stderr:
+            job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            deadline = time.time() + 300
+            while not os.path.exists(first_unit) and job.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            if os.path.exists(first_unit) or job.poll() is None:
                 break
+            stdout, stderr = job.communicate()
+            assert "No available agent" in stderr, stdout[-3000:] + stderr[-3000:]
             time.sleep(2)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-        assert f"report: {out}/report.html" in job.stdout
+        assert os.path.exists(first_unit), "the job made no progress"
+        kill = subprocess.run([*local, "kill-worker", "--state", state], capture_output=True, text=True, timeout=120)
+        assert kill.returncode == 0, kill.stderr[-2000:]
+        assert not os.path.exists(os.path.join(out, "report.json"))  # the node died mid-run
+        stdout, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert "succeeded" in (stdout + stderr).lower()
+        assert f"report: {out}/report.html" in stdout
+        assert len(alive()) == 2
     finally:
         down = subprocess.run([*local, "down", "--state", state], capture_output=True, text=True, timeout=180)
     assert down.returncode == 0 and not os.path.exists(os.path.join(state, "cluster.json"))
     assert canonical(out) == canonical(run1[0])
-
-
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["accounting"]["ok"] and report["counts"] == run1[1]["counts"]
+    assert not report["resume"]["resumed"]  # the one run carried on: no restart from markers

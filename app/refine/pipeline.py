@@ -200,25 +200,23 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     if near.enabled:
         steps.append(("minhash", functools.partial(minhash_step, num_perm=near.num_perm, ngram=near.ngram,
                                                    seed=near.seed, bands=bands, rows=rows)))
-    ingest = []
-    for g, group in enumerate(groups):
-        unit = unit_name("ingest", g)
-        rec = run.done(unit)
-        if rec is None:
-            t0 = time.time()
-            run.clear([work_docs, quarantine_dir], file_prefix(g))
-            ds = ray.data.read_datasource(CorpusDatasource(
-                group, text_field=cfg.io.text_field, id_field=cfg.io.id_field, max_doc_bytes=cfg.io.max_doc_bytes,
-                block_rows=cfg.io.block_rows, quarantine_raw_bytes=cfg.io.quarantine_raw_bytes))
-            for name, fn in steps:
-                ds = ds.map_batches(functools.partial(_timed, name, fn, stats), batch_format="pyarrow",
-                                    batch_size=cfg.io.batch_size)
-            work_sink = WorkSink(work_docs, quarantine_dir, k, prefix=file_prefix(g))
-            ds.write_datasink(work_sink)
-            rec = {"counts": work_sink.counts, "steps": ray.get(stats.take.remote()),
-                   "seconds": {"parse_and_score": time.time() - t0}}
-            run.finish(unit, rec)
-        ingest.append(rec)
+    take_steps = lambda: ray.get(stats.take.remote())  # noqa: E731  (the step sums of one unit)
+
+    def ingest_unit(g: int, group: list[str]) -> dict:
+        t0 = time.time()
+        ds = ray.data.read_datasource(CorpusDatasource(
+            group, text_field=cfg.io.text_field, id_field=cfg.io.id_field, max_doc_bytes=cfg.io.max_doc_bytes,
+            block_rows=cfg.io.block_rows, quarantine_raw_bytes=cfg.io.quarantine_raw_bytes))
+        for name, fn in steps:
+            ds = ds.map_batches(functools.partial(_timed, name, fn, stats), batch_format="pyarrow",
+                                batch_size=cfg.io.batch_size)
+        sink = WorkSink(work_docs, quarantine_dir, k, prefix=file_prefix(g))
+        ds.write_datasink(sink)
+        return {"counts": sink.counts, "steps": take_steps(), "seconds": {"parse_and_score": time.time() - t0}}
+
+    ingest = [run.unit(unit_name("ingest", g), functools.partial(ingest_unit, g, group),
+                       dirs=[work_docs, quarantine_dir], prefix=file_prefix(g), before=take_steps)
+              for g, group in enumerate(groups)]
     ingest_counts = merge_counts(r["counts"] for r in ingest)
     n_good = sum(c["records"] - c["quarantined"] for c in ingest_counts.values())
     records = list(ingest)
@@ -226,60 +224,57 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     # ---- pass 2 + 3: the duplicate graph (one unit)
     labels: list = []
     graph_stats: dict = {"verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "duplicate_rows": 0}
+    edges_dir = os.path.join(work, "edges")
+
+    def graph_unit() -> dict:
+        t0 = time.time()
+        cols = ["id", "exact_hash"] + (["bands"] if near.enabled else [])
+        (read_work(parquet_files(work_docs), cols, cfg.io.batch_size)
+         .map_batches(functools.partial(bucket_rows, exact=exact.enabled, near=near.enabled),
+                      batch_format="pyarrow", batch_size=None)
+         .groupby("key", num_partitions=k).map_groups(bucket_edges, batch_format="pyarrow")
+         .write_datasink(FilesSink(edges_dir)))
+        t1 = time.time()
+        gstats = dedup_graph(parquet_files(edges_dir), work_docs=work_docs, out_dir=out_dir, labels_dir=labels_dir,
+                             k=k, ngram=near.ngram, threshold=near.threshold, verify=near.verify,
+                             max_rounds=cfg.dedup.max_cc_rounds)
+        return {"stats": gstats, "seconds": {"buckets": t1 - t0, "dedup_graph": time.time() - t1}}
+
     if (exact.enabled or near.enabled) and n_good:
         labels = label_paths(labels_dir, k)
-        rec = run.done("graph")
-        if rec is None:
-            edges_dir = os.path.join(work, "edges")
-            run.clear([edges_dir, labels_dir, dup_dir])
-            t0 = time.time()
-            cols = ["id", "exact_hash"] + (["bands"] if near.enabled else [])
-            (read_work(parquet_files(work_docs), cols, cfg.io.batch_size)
-             .map_batches(functools.partial(bucket_rows, exact=exact.enabled, near=near.enabled),
-                          batch_format="pyarrow", batch_size=None)
-             .groupby("key", num_partitions=k).map_groups(bucket_edges, batch_format="pyarrow")
-             .write_datasink(FilesSink(edges_dir)))
-            t1 = time.time()
-            gstats = dedup_graph(parquet_files(edges_dir), work_docs=work_docs, out_dir=out_dir, labels_dir=labels_dir,
-                                 k=k, ngram=near.ngram, threshold=near.threshold, verify=near.verify,
-                                 max_rounds=cfg.dedup.max_cc_rounds)
-            rec = {"stats": gstats, "seconds": {"buckets": t1 - t0, "dedup_graph": time.time() - t1}}
-            run.finish("graph", rec)
+        rec = run.unit("graph", graph_unit, dirs=[edges_dir, labels_dir, dup_dir])
         graph_stats = rec["stats"]
         records.append(rec)
 
-    # ---- pass 4: decide (and score, one unit per group of graph partitions) and write (one unit)
+    # ---- pass 4: decide (and score: a unit per group of graph partitions) and write (one unit)
     dup_picks = pick_duplicates(dup_dir, cfg.report.samples)
     decide = functools.partial(_decide_batch, labels=labels, k=k, heuristics_cfg=cfg.heuristics,
                                heuristics_enabled=cfg.heuristics.enabled, stats=stats)
     scoring = cfg.perplexity.enabled or toxicity_ok
+    scored_dir = os.path.join(work, "scored")
+
+    def score_unit(g: int, parts: list[int]) -> dict:
+        t0 = time.time()
+        # Whole blocks: a work file holds one partition, so a worker holds one partition's labels at a time.
+        ds = read_work(parquet_files(work_docs, parts), None, cfg.io.batch_size).map_batches(
+            decide, batch_format="pyarrow", batch_size=None)
+        ds = add_model_steps(ds.map_batches(functools.partial(mark_for_scoring, score_dropped=cfg.scoring.score_dropped),
+                                            batch_format="pyarrow", batch_size=None), cfg, toxicity_ok)
+        sink = ScoredSink(scored_dir, prefix=file_prefix(g))
+        ds.write_datasink(sink)
+        return {"stats": sink.stats, "steps": take_steps(), "seconds": {"score": time.time() - t0}}
+
     score_recs = []
     if scoring and n_good:
-        scored_dir = os.path.join(work, "scored")
-        for g, parts in enumerate(split_parts(k, len(groups))):
-            unit = unit_name("score", g)
-            rec = run.done(unit)
-            if rec is None:
-                t0 = time.time()
-                run.clear([scored_dir], file_prefix(g))
-                # Whole blocks: a work file holds one partition, so a worker holds one partition's labels at a time.
-                ds = read_work(parquet_files(work_docs, parts), None, cfg.io.batch_size).map_batches(
-                    decide, batch_format="pyarrow", batch_size=None)
-                ds = add_model_steps(ds.map_batches(functools.partial(mark_for_scoring, score_dropped=cfg.scoring.score_dropped),
-                                                    batch_format="pyarrow", batch_size=None), cfg, toxicity_ok)
-                scored_sink = ScoredSink(scored_dir, prefix=file_prefix(g))
-                ds.write_datasink(scored_sink)
-                rec = {"stats": scored_sink.stats, "steps": ray.get(stats.take.remote()),
-                       "seconds": {"score": time.time() - t0}}
-                run.finish(unit, rec)
-            score_recs.append(rec)
+        score_recs = [run.unit(unit_name("score", g), functools.partial(score_unit, g, parts), dirs=[scored_dir],
+                               prefix=file_prefix(g), before=take_steps)
+                      for g, parts in enumerate(split_parts(k, len(groups)))]
         records.extend(score_recs)
-    rec = run.done("output")
-    if rec is None:
+
+    def output_unit() -> dict:
         t0 = time.time()
-        run.clear([os.path.join(out_dir, "kept"), os.path.join(out_dir, "dropped")])
-        out_sink = OutputSink(out_dir, max_toxicity=cfg.decide.max_toxicity, samples=cfg.report.samples,
-                              lookup_ids={d for p in dup_picks for d in (p["id"], p["representative_id"])})
+        sink = OutputSink(out_dir, max_toxicity=cfg.decide.max_toxicity, samples=cfg.report.samples,
+                          lookup_ids={d for p in dup_picks for d in (p["id"], p["representative_id"])})
         summary: dict = {}
         if n_good:
             if scoring:
@@ -291,10 +286,12 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
             else:
                 ds = read_work(parquet_files(work_docs), None, cfg.io.batch_size).map_batches(
                     decide, batch_format="pyarrow", batch_size=None)
-            ds.write_datasink(out_sink)
-        rec = {"counts": out_sink.counts, "profile": out_sink.profile, "summary": summary,
-               "steps": ray.get(stats.take.remote()), "seconds": {"decide_and_write": time.time() - t0}}
-        run.finish("output", rec)
+            ds.write_datasink(sink)
+        return {"counts": sink.counts, "profile": sink.profile, "summary": summary, "steps": take_steps(),
+                "seconds": {"decide_and_write": time.time() - t0}}
+
+    rec = run.unit("output", output_unit, dirs=[os.path.join(out_dir, "kept"), os.path.join(out_dir, "dropped")],
+                   before=take_steps)
     records.append(rec)
 
     phases = _sum_seconds(records)

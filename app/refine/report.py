@@ -96,10 +96,11 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
     n_near = sum(o.get("near_duplicates", 0) for o in output.values())
     step_rows = [{"name": "parse", "seconds": round(phases.get("parse_and_score", 0.0), 3), "docs_in": totals["input"],
                   "docs_out": good, "note": "wall time of the whole streaming pass 1"}]
+    # Document counts come from the accounting, not from the workers' sums: a task Ray ran again after losing
+    # a node reports its batches twice. Seconds are summed worker time, retries included.
     for name in ("normalize", "heuristics", "exact_hash", "minhash"):
         if name in steps:
-            s = steps[name]
-            step_rows.append({"name": name, "seconds": round(s["seconds"], 3), "docs_in": s["docs_in"], "docs_out": s["docs_out"],
+            step_rows.append({"name": name, "seconds": round(steps[name]["seconds"], 3), "docs_in": good, "docs_out": good,
                               "note": "summed worker time"})
     step_rows.append({"name": "dedup_buckets", "seconds": round(phases.get("buckets", 0.0), 3), "docs_in": good,
                       "docs_out": good, "note": "Ray Data groupby of exact and band keys (wall)"})
@@ -108,9 +109,9 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
     step_rows.append({"name": "near_dedup", "seconds": round(phases.get("dedup_graph", 0.0), 3), "docs_in": good,
                       "docs_out": good - n_near, "note": "verification + connected components (wall)"})
     if "decide" in steps:
-        s = steps["decide"]
-        step_rows.append({"name": "decide", "seconds": round(s["seconds"], 3), "docs_in": s["docs_in"],
-                          "docs_out": s["docs_out"], "note": "summed worker time"})
+        decided = sum(n for r, n in reasons.items() if r in HEURISTIC_REASONS or r in ("exact_duplicate", "near_duplicate"))
+        step_rows.append({"name": "decide", "seconds": round(steps["decide"]["seconds"], 3), "docs_in": good,
+                          "docs_out": good - decided, "note": "summed worker time; docs_out: kept by dedup + heuristics"})
     if "score" in phases:
         n_scored = sum(v.get("scored", 0) for v in (scores or {}).values())
         step_rows.append({"name": "score", "seconds": round(phases["score"], 3), "docs_in": good, "docs_out": n_scored,

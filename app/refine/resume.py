@@ -24,7 +24,8 @@ import json
 import logging
 import os
 import shutil
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 from app.config import to_dict
 
@@ -37,6 +38,9 @@ EXECUTION_ONLY = frozenset({
     "perplexity.concurrency", "perplexity.tokenize_concurrency", "toxicity.concurrency",
 })
 """Config keys a resumed run may change: batch sizes, pool sizes, the checkpoint size (the plan is kept)."""
+
+UNIT_ATTEMPTS = 3
+"""A unit that fails because a node, a worker or an actor was lost is run again, up to this many times in all."""
 
 UNKNOWN_SIZE = 256 * 1024 * 1024  # a remote input file counts this many bytes when planning groups
 MIN_CHECKPOINT = 1 << 30
@@ -111,6 +115,23 @@ def split_parts(k: int, n_units: int) -> list[list[int]]:
     return [list(range(i * k // n, (i + 1) * k // n)) for i in range(n)]
 
 
+def lost_to_the_cluster(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is Ray saying a node, worker, actor or object was lost: work that can
+    be done again, unlike an error of the data or the code. Ray retries lost tasks by itself; what it cannot
+    retry is state held in a lost actor (Ray Data's shuffle aggregators)."""
+    import ray.exceptions as rx
+
+    lost = (rx.RayActorError, rx.NodeDiedError, rx.ObjectLostError, rx.OwnerDiedError, rx.WorkerCrashedError,
+            rx.LocalRayletDiedError, rx.ObjectFetchTimedOutError)
+    seen: set = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, lost):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return False
+
+
 def unit_name(kind: str, g: int) -> str:
     return f"{kind}-g{g:05d}"
 
@@ -151,6 +172,30 @@ class RefineRun:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _write_json(path, record)
         self.ran.append(unit)
+
+    def unit(self, unit: str, body: Callable[[], dict], *, dirs: list[str], prefix: str = "",
+             before: Callable[[], None] = lambda: None) -> dict:
+        """The record of ``unit``: from its marker when finished, else from ``body()`` (run after clearing what
+        an earlier attempt left in ``dirs``; again on a lost node, up to UNIT_ATTEMPTS), then marked finished."""
+        rec = self.done(unit)
+        if rec is not None:
+            return rec
+        for attempt in range(1, UNIT_ATTEMPTS + 1):
+            before()
+            self.clear(dirs, prefix)
+            t0 = time.time()
+            try:
+                rec = body()
+            except Exception as e:
+                if attempt == UNIT_ATTEMPTS or not lost_to_the_cluster(e):
+                    raise
+                log.warning("refine: %s lost work with a node, worker or actor after %.0fs (%s: %s); running it "
+                            "again (attempt %d of %d)", unit, time.time() - t0, type(e).__name__, e, attempt + 1,
+                            UNIT_ATTEMPTS)
+                continue
+            self.finish(unit, rec)
+            return rec
+        raise AssertionError("unreachable")
 
     def clear(self, dirs: list[str], prefix: str = "") -> None:
         """Delete what a cut-off unit may have left: files named ``prefix*`` (all, without a prefix) in ``dirs``,
