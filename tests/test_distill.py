@@ -211,10 +211,10 @@ def test_distill_on_ray_train_losses_fall_and_student_exports(uninterrupted, tea
         assert "stages" in f.read()
 
 
-def test_resume_after_a_worker_failure_gives_the_same_next_step_loss(uninterrupted, ray_local, teacher, corpus,
-                                                                      tmp_path):
-    """A worker raises once at step 6; the group restarts from the checkpoint after step 4 and every step, before
-    and after the restart, has the loss of the uninterrupted run."""
+def test_killed_worker_resumes_from_the_last_checkpoint_with_the_same_losses(uninterrupted, ray_local, teacher,
+                                                                             corpus, tmp_path):
+    """The rank-0 Train worker's process is killed (SIGKILL) at step 5; the group restarts from the checkpoint
+    after step 4, finishes, and every step, before and after the restart, has the loss of the uninterrupted run."""
     from app.distill.train import distill
 
     ref = {r["step"]: r for r in _metrics(uninterrupted[0]) if "loss" in r}

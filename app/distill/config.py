@@ -133,7 +133,11 @@ class TrainConfig:
     """Also report the teacher's held-out perplexity (off: runs that need no teacher, e.g. stage ce only
     or kd from the top-k cache, never load it)."""
     debug_fail_at_step: Optional[int] = None
-    """Testing recovery: raise once at this step (a marker file makes it once per output directory)."""
+    """Crash drill: once at this step (a marker file makes it once per output directory), the rank-0 worker fails."""
+    debug_fail_mode: Literal["kill", "raise"] = "kill"
+    """How the drill fails: `kill` SIGKILLs the worker's process (a crashed worker: no cleanup, its actor dies),
+    5 s after the step starts, so that Ray Train has registered the last checkpoint (a worker lost within a
+    poll interval, 2 s, of a checkpoint falls back to the one before); `raise` raises in the training loop."""
 
     def __post_init__(self) -> None:
         for k in ("num_workers", "batch_size", "kd_chunk_tokens", "checkpoint_every", "keep_checkpoints", "eval_batches"):

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -299,6 +300,13 @@ def train_loop(config: dict) -> None:
             marker = os.path.join(out, ".debug_failed")
             if not os.path.exists(marker):
                 open(marker, "w").close()
+                if tc.debug_fail_mode == "kill":
+                    # Ray Train's controller learns of a reported checkpoint when it next polls the workers (every
+                    # 2 s): a worker that dies sooner loses it, and the run falls back to the one before. The
+                    # drill waits that out, so it tests the restore, not the race.
+                    time.sleep(5)
+                    log.warning("debug_fail_at_step: killing this worker (pid %d) at step %d", os.getpid(), step)
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"debug_fail_at_step: failing once at step {step}")
         parts = model(x, y, mask, stage, loss_w, teach)
         parts["loss"].backward()
