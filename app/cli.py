@@ -17,7 +17,9 @@ def _refine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (see configs/refine.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override one config value, e.g. --set dedup.near.threshold=0.85; repeatable")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory's results")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory's results (without it, an interrupted run "
+                   "in DIR resumes, and anything else there is refused)")
     p.add_argument("--keep-work", action="store_true", help="keep the intermediate _work/ directory")
     p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
