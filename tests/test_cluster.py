@@ -107,6 +107,8 @@ def test_rayjob_entrypoints_run_a_job_of_this_project_with_a_valid_config(name, 
         gpus = sum(g["replicas"] for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
         assert cfg.train.use_gpu and cfg.train.num_workers == gpus  # one Ray Train worker per GPU
     assert doc["spec"]["shutdownAfterJobFinishes"] is True
+    # a failed attempt is submitted again with the same output, where the job resumes
+    assert doc["spec"]["backoffLimit"] >= 1 and "--overwrite" not in argv
 
 
 def test_rayservice_serves_the_student_with_the_api_key_from_a_secret():
