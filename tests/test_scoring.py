@@ -55,7 +55,8 @@ def test_model_steps_score_survivors_and_decide(ray_local, models, corpus, tmp_p
     from app.refine.pipeline import run_refine
 
     out = str(tmp_path / "out")
-    rep = run_refine([corpus], out, _cfg(models, "decide.max_nll_percentile=0.8", "decide.max_toxicity=0.99"))
+    cfg = _cfg(models, "decide.max_nll_percentile=0.8", "decide.max_toxicity=0.99")
+    rep = run_refine([corpus], out, cfg, keep_work=True)
     c = rep["counts"]
     assert c["input"] == 32 and c["quarantined"] == 2 and c["input"] == c["kept"] + c["dropped"] + c["quarantined"]
     rows = _rows(out, "kept") + _rows(out, "dropped")
@@ -76,6 +77,20 @@ def test_model_steps_score_survivors_and_decide(ray_local, models, corpus, tmp_p
         assert s["scored"] > 0 and s["perplexity_p10"] <= s["perplexity_p50"] <= s["perplexity_p90"]
         assert s["toxicity_p90"] is not None
     assert any(st["name"] == "score" for st in rep["steps"])
+
+    # A crash while the final write was under way: the scores are not computed again, and the decision,
+    # made from the per-source statistics kept in the scoring unit's record, is the same.
+    for f in ("output.json", "complete.json"):
+        os.remove(os.path.join(out, "_work", "done", f))
+    os.remove(os.path.join(out, "report.json"))
+    with open(os.path.join(out, "kept", "part-000099.parquet"), "w") as f:
+        f.write("a file a killed writer left")
+    rep_resumed = run_refine([corpus], out, cfg)
+    assert rep_resumed["resume"]["units_run"] == ["output"]
+    assert set(rep_resumed["resume"]["units_skipped"]) == {"ingest-g00000", "graph", "score-g00000"}
+    key = lambda r: r["id"]  # noqa: E731
+    assert sorted(_rows(out, "kept") + _rows(out, "dropped"), key=key) == sorted(rows, key=key)
+    assert rep_resumed["counts"] == rep["counts"] and rep_resumed["shards"] == rep["shards"]
 
     out2 = str(tmp_path / "out2")
     rep2 = run_refine([corpus], out2, _cfg(models, "scoring.score_dropped=true", "dedup.near.enabled=false"))
