@@ -49,7 +49,8 @@ class IOConfig:
     checkpoint_bytes: Optional[int] = None
     """Input bytes per resumable unit: pass 1 runs group by group of input files of about this size, and the
     scoring as many groups of graph partitions; a re-run skips the groups already finished. null: 100 MB per
-    cluster CPU, at least 1 GiB. Fixed by the first run of an output directory (a resumed run keeps its plan)."""
+    cluster CPU, at least 1 GiB and at least 1/256 of the input. Fixed by the first run of an output directory
+    (a resumed run keeps its plan)."""
 
     def __post_init__(self) -> None:
         for name in ("max_doc_bytes", "block_rows", "batch_size", "quarantine_raw_bytes"):

@@ -28,6 +28,19 @@ def test_plan_groups_keeps_order_and_never_splits_a_file(tmp_path):
     assert resume.plan_groups(["s3://b/x.jsonl", "s3://b/y.jsonl"], resume.UNKNOWN_SIZE) == [["s3://b/x.jsonl"], ["s3://b/y.jsonl"]]
 
 
+def test_default_unit_grows_with_the_cluster_and_caps_the_unit_count(tmp_path, monkeypatch):
+    import ray
+
+    files = _files(tmp_path, [10, 10])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
+    assert resume.default_checkpoint_bytes(files) == 64 * resume.CHECKPOINT_PER_CPU
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})  # a head without CPUs, workers still to come
+    assert resume.default_checkpoint_bytes(files) == resume.MIN_CHECKPOINT
+    many = [f"s3://b/{i}.jsonl" for i in range(4096)]  # 1 TiB of unknown-size remote files
+    assert resume.default_checkpoint_bytes(many) == 4096 * resume.UNKNOWN_SIZE // resume.MAX_UNITS
+    assert len(resume.plan_groups(many, resume.default_checkpoint_bytes(many))) == resume.MAX_UNITS
+
+
 def test_split_parts_covers_every_partition_once():
     for k, n in ((3, 4), (7, 3), (1, 5), (10, 10)):
         parts = resume.split_parts(k, n)

@@ -180,7 +180,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     k = cfg.dedup.num_partitions or num_partitions_for(files, cfg.dedup.partition_bytes)
     cfg = dataclasses.replace(cfg, dedup=dataclasses.replace(cfg.dedup, num_partitions=k))  # resolved
     run = open_run(out_dir, files, cfg, overwrite=overwrite, toxicity_ok=toxicity_ok,
-                   checkpoint_bytes=cfg.io.checkpoint_bytes or default_checkpoint_bytes())
+                   checkpoint_bytes=cfg.io.checkpoint_bytes or default_checkpoint_bytes(files))
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     work = run.work

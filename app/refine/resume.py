@@ -45,6 +45,7 @@ UNIT_ATTEMPTS = 3
 UNKNOWN_SIZE = 256 * 1024 * 1024  # a remote input file counts this many bytes when planning groups
 MIN_CHECKPOINT = 1 << 30
 CHECKPOINT_PER_CPU = 100 * 1024 * 1024
+MAX_UNITS = 256
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -89,11 +90,18 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def default_checkpoint_bytes() -> int:
-    """100 MB of input per cluster CPU (a few minutes of pass 1 at the measured rate), at least 1 GiB."""
+def _size(path: str) -> int:
+    return UNKNOWN_SIZE if "://" in path else os.path.getsize(path)
+
+
+def default_checkpoint_bytes(files: list[str]) -> int:
+    """100 MB of input per cluster CPU (about 5 minutes of pass 1 at the measured 0.34 MB per core-second), at
+    least 1 GiB, and at most MAX_UNITS units in all: an autoscaling cluster that starts with few CPUs does not
+    cut a large corpus into thousands of units (each costs about a second more: benchmarks/RESULTS.md)."""
     import ray
 
-    return max(MIN_CHECKPOINT, int(ray.cluster_resources().get("CPU", 1)) * CHECKPOINT_PER_CPU)
+    per_cpu = int(ray.cluster_resources().get("CPU", 1)) * CHECKPOINT_PER_CPU
+    return max(MIN_CHECKPOINT, per_cpu, -(-sum(_size(f) for f in files) // MAX_UNITS))
 
 
 def plan_groups(files: list[str], checkpoint_bytes: int) -> list[list[str]]:
@@ -105,7 +113,7 @@ def plan_groups(files: list[str], checkpoint_bytes: int) -> list[list[str]]:
             groups.append([])
             size = 0
         groups[-1].append(f)
-        size += UNKNOWN_SIZE if "://" in f else os.path.getsize(f)
+        size += _size(f)
     return groups
 
 
