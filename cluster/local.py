@@ -30,7 +30,7 @@ import sys
 import time
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """n distinct free ports on 127.0.0.1 (all sockets held open until every port is drawn)."""
     socks = []
     try:
@@ -70,7 +70,7 @@ def _hold(state: str, workers: int, head_cpus: float, worker_cpus: float, port: 
     from ray.cluster_utils import Cluster
 
     # each node's dashboard agent needs a port of its own (the default, 52365, would be taken by the first)
-    agents = _free_ports(workers + 1)
+    agents = free_ports(workers + 1)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "gcs_server_port": port, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "dashboard_agent_listen_port": agents[0]})

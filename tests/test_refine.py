@@ -2,14 +2,13 @@
 
 import json
 import os
-import shutil
-import signal
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from app.config import RefineConfig, load_config
+from cluster.local import free_ports
 from tests.corpus import build, predicted_pairs, true_pairs
 
 
@@ -223,21 +222,6 @@ def _env():
     return env
 
 
-def _free_ports(n):
-    """n distinct free ports on 127.0.0.1 (all sockets held open until every port is picked: one at a time,
-    the kernel handed out the same port twice and the head refused to start)."""
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_local_cluster_with_token_auth_survives_a_lost_worker_node(corpus, run1, tmp_path):
     """``make cluster-up``'s cluster (cluster/local.py: a head without CPUs and 2 worker nodes on 127.0.0.1, token
     auth on), then ``ray job submit -- python jobs/refine.py``; once the first of its 4 pass-1 units is done,
@@ -251,7 +235,7 @@ def test_local_cluster_with_token_auth_survives_a_lost_worker_node(corpus, run1,
     bin_dir = os.path.dirname(sys.executable)
     ray_cli = os.path.join(bin_dir, "ray")
     state = str(tmp_path / "cluster")
-    port, dash = _free_ports(2)
+    port, dash = free_ports(2)
     local = [sys.executable, os.path.join(REPO, "cluster", "local.py")]
     up = subprocess.run([*local, "up", "--state", state, "--workers", "2", "--head-cpus", "0", "--port", str(port),
                          "--dashboard-port", str(dash)], capture_output=True, text=True, timeout=400, env=_env())

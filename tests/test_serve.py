@@ -4,13 +4,13 @@ application on 127.0.0.1 through the official openai client and raw HTTP (every 
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from cluster.local import free_ports
 from tests.tiny_models import tiny_llama, tiny_mamba2
 
 PROMPTS = ["the quick brown fox", "a cat sat on the mat it was very good day", "dog",
@@ -141,19 +141,13 @@ def test_stop_strings_are_cut_and_never_streamed(student):
 # ------------------------------------------------------------------------------------------- the server
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serving(ray_local, student, tmp_path_factory):
     """``jobs/serve.py`` (= ``distillery serve``) in a subprocess joined to the test's Ray, as under ``ray job
     submit``: the tiny student on 127.0.0.1 with small limits, the API key from a file (a mounted secret)."""
     root = tmp_path_factory.mktemp("serving")
     (root / "key").write_text(KEY + "\n")
-    port = _free_port()
+    (port,) = free_ports(1)
     sets = [f"api_key_file={root / 'key'}", "model_name=tiny-student", "deployment.num_cpus=1",
             "deployment.max_ongoing_requests=32", "batch.max_batch_size=8", "batch.batch_wait_timeout_s=0.05",
             "limits.max_prompt_tokens=40", "limits.max_tokens=32", "limits.default_max_tokens=12", "limits.max_n=4",
