@@ -79,6 +79,8 @@ def test_lost_node_errors_are_told_from_errors_of_the_data_or_code():
         assert resume.lost_to_the_cluster(e)
     assert resume.lost_to_the_cluster(rx.RayTaskError("f", "tb", rx.NodeDiedError("node gone")))
     assert not resume.lost_to_the_cluster(ValueError("bad record"))
+    assert resume.lost_to_the_cluster(rx.ActorDiedError())  # died: its node, or a kill
+    assert not resume.lost_to_the_cluster(rx.ActorDiedError(rx.RayTaskError("Scorer.__init__", "tb", OSError("no model"))))
     assert not resume.lost_to_the_cluster(rx.RayTaskError("f", "tb", KeyError("text")))
 
 

@@ -134,6 +134,8 @@ def lost_to_the_cluster(e: BaseException) -> bool:
     seen: set = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, rx.RayActorError) and e.actor_init_failed:
+            return False  # the actor's constructor raised (a model that does not load): not the cluster's doing
         if isinstance(e, lost):
             return True
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
