@@ -23,7 +23,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("joined Ray at %s", address)
         return
     # address="local": a new Ray, even when a head killed earlier left its address in /tmp/ray/ray_current_cluster
-    # (Ray would otherwise try to join that one and refuse num_cpus). The dashboard (on 127.0.0.1) serves the State API, which Ray Train v2's PlacementGroupCleaner needs to see
-    # that a controller died: without it a Tune trial stopped early (ASHA) leaks its workers' CPUs for good.
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
+    # (Ray would otherwise try to join that one and refuse num_cpus). The dashboard (on 127.0.0.1) serves the
+    # State API, which Ray Train v2's PlacementGroupCleaner needs to see that a controller died: without it a
+    # Tune trial stopped early (ASHA) leaks its workers' CPUs for good.
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
+             dashboard_host="127.0.0.1")
     log.info("started a local Ray on 127.0.0.1")
