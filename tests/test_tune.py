@@ -79,7 +79,7 @@ def test_a_sweep_interrupted_and_restored_finishes_every_trial_and_writes_a_vali
     from app.distill.tune import METRIC, apply_params, tune_distill
 
     out = tmp_path / "sweep"
-    sets = _tune_sets(setup, out, samples=4)
+    sets = _tune_sets(setup, out, samples=3)
     args = [sys.executable, os.path.join(ROOT, "jobs", "tune_distill.py")] + [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     log = open(tmp_path / "first.log", "w")
@@ -99,18 +99,18 @@ def test_a_sweep_interrupted_and_restored_finishes_every_trial_and_writes_a_vali
         if proc.poll() is None:
             proc.kill()
     finished_first = [d for d in os.listdir(out / "trials") if os.path.isfile(out / "trials" / d / "result.json")]
-    assert 1 <= len(finished_first) < 4, finished_first  # interrupted with trials left
+    assert 1 <= len(finished_first) < 3, finished_first  # interrupted with trials left
     assert not os.path.exists(out / "best.yaml")
 
     cfg = load_config(TuneDistillConfig, None, sets)
     res = tune_distill(cfg)
     assert res["resumed"]
     trials = res["trials"]
-    assert len(trials) == 4 and not any(t["error"] for t in trials), trials
+    assert len(trials) == 3 and not any(t["error"] for t in trials), trials
     assert {t["trial_id"] for t in trials} >= set(finished_first)
     assert res["total_steps"] == 6  # 768 tokens / (4 x 32) per step
     assert any(t["status"] == "complete" for t in trials) and all(t[METRIC] > 0 for t in trials)
-    assert len({round(t["params"]["lr"], 12) for t in trials}) == 4  # Optuna proposed different values
+    assert len({round(t["params"]["lr"], 12) for t in trials}) == 3  # Optuna proposed different values
     for t in trials:  # each trial's own run log: held-out evaluations every 2 steps, the last one reported
         with open(out / "trials" / t["trial_id"] / "metrics.jsonl") as f:
             evals = [json.loads(line) for line in f if "eval_student_ppl" in line]
@@ -125,5 +125,5 @@ def test_a_sweep_interrupted_and_restored_finishes_every_trial_and_writes_a_vali
     assert loaded.student.init == best["params"]["init"]
     assert sum((loaded.stages.align_tokens, loaded.stages.kd_tokens, loaded.stages.ce_tokens)) == 768
     with open(out / "trials.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 3
     assert any("events.out.tfevents" in n for _, _, fs in os.walk(out / "tune") for n in fs)  # the Tune dashboard
