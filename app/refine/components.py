@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from app.refine.io import write_table
+from app.refine.io import parquet_files, write_table
 from app.refine.lsh import partition_of
 from app.refine.minhash import jaccard, shingles
 
@@ -97,13 +97,6 @@ def _as_lists(refs, k: int) -> list[list]:
         for i in range(k):
             out[i].append(r[i])
     return out
-
-
-def docs_files(work_docs: str, part: int) -> list[str]:
-    d = os.path.join(work_docs, f"p={part}")
-    if not os.path.isdir(d):
-        return []
-    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".parquet"))
 
 
 def _read_texts(files: list[str], ids) -> dict[str, str]:
@@ -328,7 +321,7 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
     tasks Ray reconstructs by lineage).
     """
     t0 = time.time()
-    files = [docs_files(work_docs, p) for p in range(k)]
+    files = [parquet_files(work_docs, [p]) for p in range(k)]
     split = [_split_edges.options(num_returns=2 * k).remote(f, k) for f in edge_files]
     near_by_a = [[s[i] for s in split] for i in range(k)]
     exact_by_id = [[s[k + i] for s in split] for i in range(k)]

@@ -273,6 +273,14 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return files
 
 
+def parquet_files(root: str, parts: list[int] | None = None) -> list[str]:
+    """The Parquet files under ``root`` (of partitions ``p=<i>`` only, when ``parts`` is given), sorted; hidden
+    temporary files of unfinished writers are left out."""
+    dirs = [root] if parts is None else [os.path.join(root, f"p={p}") for p in parts]
+    return sorted(os.path.join(r, f) for d in dirs for r, _, names in os.walk(d) for f in names
+                  if f.endswith(".parquet") and not f.startswith("."))
+
+
 def write_table(table: pa.Table, path: str) -> None:
     """Write one Parquet file atomically (temp name, then rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)

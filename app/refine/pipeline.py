@@ -33,7 +33,7 @@ from app.models import resolve
 from app.refine.decide import decide_step, merge_stats, quality_step, summarize
 from app.refine.exact import exact_step
 from app.refine.heuristics import heuristics_step
-from app.refine.io import CorpusDatasource, expand_inputs
+from app.refine.io import CorpusDatasource, expand_inputs, parquet_files
 from app.refine.lsh import bucket_edges, bucket_rows, minhash_step, partition_of
 from app.refine.minhash import lsh_params
 from app.refine.normalize import normalize_step
@@ -47,16 +47,14 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class StepStats:
-    """Collects (seconds, docs in, docs out) per step from every worker."""
+    """Sums the seconds workers spend per step (document counts come from the accounting: a retried task
+    would count its batches twice)."""
 
     def __init__(self) -> None:
-        self.steps: dict[str, dict] = {}
+        self.steps: dict[str, float] = {}
 
-    def add(self, name: str, seconds: float, docs_in: int, docs_out: int) -> None:
-        s = self.steps.setdefault(name, {"seconds": 0.0, "docs_in": 0, "docs_out": 0})
-        s["seconds"] += seconds
-        s["docs_in"] += docs_in
-        s["docs_out"] += docs_out
+    def add(self, name: str, seconds: float) -> None:
+        self.steps[name] = self.steps.get(name, 0.0) + seconds
 
     def take(self) -> dict:
         """The sums so far, and start again (one record per unit of work)."""
@@ -67,8 +65,7 @@ class StepStats:
 def _timed(name: str, fn, stats, table: pa.Table) -> pa.Table:
     t0 = time.perf_counter()
     out = fn(table)
-    good = table.column("error").null_count  # rows without a parse error
-    stats.add.remote(name, time.perf_counter() - t0, good, good)
+    stats.add.remote(name, time.perf_counter() - t0)
     return out
 
 
@@ -91,8 +88,7 @@ def _decide_batch(table: pa.Table, *, labels: list, k: int, heuristics_cfg, heur
             parts.append(_LABEL_CACHE[key])
     out = decide_step(table.drop_columns([c for c in ("bands",) if c in table.column_names]), ChainMap(*parts),
                       heuristics_cfg, heuristics_enabled)
-    kept = out.column("drop_reason").null_count
-    stats.add.remote("decide", time.perf_counter() - t0, table.num_rows, kept)
+    stats.add.remote("decide", time.perf_counter() - t0)
     return out
 
 
@@ -108,13 +104,6 @@ def _stream_files(paths: pa.Table, *, columns, batch_rows: int):
     for path in paths.column("path").to_pylist():
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
             yield pa.Table.from_batches([batch])
-
-
-def parquet_files(root: str, parts: list[int] | None = None) -> list[str]:
-    """The Parquet files under ``root`` (of partitions ``p=<i>`` only, when ``parts`` is given), sorted."""
-    dirs = [root] if parts is None else [os.path.join(root, f"p={p}") for p in parts]
-    return sorted(os.path.join(r, f) for d in dirs for r, _, names in os.walk(d) for f in names
-                  if f.endswith(".parquet") and not f.startswith("."))
 
 
 def read_work(files: list[str], columns, batch_rows: int):
@@ -157,10 +146,8 @@ def _sum_seconds(records) -> dict:
 def _merge_steps(records) -> dict:
     out: dict = {}
     for r in records:
-        for name, st in r.get("steps", {}).items():
-            o = out.setdefault(name, {"seconds": 0.0, "docs_in": 0, "docs_out": 0})
-            for key in o:
-                o[key] += st[key]
+        for name, sec in r.get("steps", {}).items():
+            out[name] = out.get(name, 0.0) + sec
     return out
 
 

@@ -100,7 +100,7 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
     # a node reports its batches twice. Seconds are summed worker time, retries included.
     for name in ("normalize", "heuristics", "exact_hash", "minhash"):
         if name in steps:
-            step_rows.append({"name": name, "seconds": round(steps[name]["seconds"], 3), "docs_in": good, "docs_out": good,
+            step_rows.append({"name": name, "seconds": round(steps[name], 3), "docs_in": good, "docs_out": good,
                               "note": "summed worker time"})
     step_rows.append({"name": "dedup_buckets", "seconds": round(phases.get("buckets", 0.0), 3), "docs_in": good,
                       "docs_out": good, "note": "Ray Data groupby of exact and band keys (wall)"})
@@ -110,7 +110,7 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
                       "docs_out": good - n_near, "note": "verification + connected components (wall)"})
     if "decide" in steps:
         decided = sum(n for r, n in reasons.items() if r in HEURISTIC_REASONS or r in ("exact_duplicate", "near_duplicate"))
-        step_rows.append({"name": "decide", "seconds": round(steps["decide"]["seconds"], 3), "docs_in": good,
+        step_rows.append({"name": "decide", "seconds": round(steps["decide"], 3), "docs_in": good,
                           "docs_out": good - decided, "note": "summed worker time; docs_out: kept by dedup + heuristics"})
     if "score" in phases:
         n_scored = sum(v.get("scored", 0) for v in (scores or {}).values())
