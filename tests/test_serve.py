@@ -138,6 +138,210 @@ def test_stop_strings_are_cut_and_never_streamed(student):
     assert not any(words[3] in d for d, _ in deltas)  # held back, then dropped with the stop string
 
 
+def test_a_row_that_fails_ends_alone_and_out_of_range_values_do_not_fail(student):
+    """NaN logits for one row (its temperature) end that row with "error"; the rows beside it decode as they would
+    alone. A seed past 64 bits is taken modulo 2**63, a temperature of 1e-39 is greedy."""
+    from app.serve.generate import Row, SamplingParams
+
+    eng, _ = _engine(student)
+    ids = eng.encode(PROMPTS[1])
+    mk = lambda **kw: Row(ids, SamplingParams(max_tokens=8, **kw))  # noqa: E731
+    alone = [eng.run([mk(temperature=0)])[0].text, eng.run([mk(temperature=1.0, seed=5)])[0].text]
+    rows = eng.run([mk(temperature=0), mk(temperature=float("nan")), mk(temperature=1.0, seed=(1 << 63) + 5),
+                    mk(temperature=1e-39)])
+    assert rows[1].finish_reason == "error" and isinstance(rows[1].error, RuntimeError)
+    assert [rows[0].text, rows[2].text, rows[3].text] == [alone[0], alone[1], alone[0]]
+    assert all(r.error is None and r.finish_reason == "length" for r in (rows[0], rows[2], rows[3]))
+
+
+def test_stop_string_hold_back_equals_the_brute_force_scan():
+    import random
+
+    from app.serve.generate import Row, RowStopper, SamplingParams
+
+    rnd = random.Random(0)
+    for _ in range(400):
+        stop = tuple("".join(rnd.choice("ab ") for _ in range(rnd.randint(1, 6))) for _ in range(rnd.randint(1, 4)))
+        r = Row([], SamplingParams(stop=stop))
+        r._pending = "".join(rnd.choice("ab ") for _ in range(rnd.randint(0, 8)))
+        brute = max((k for s in stop for k in range(1, len(s)) if r._pending.endswith(s[:k])), default=0)
+        assert RowStopper._hold(r) == brute, (stop, r._pending)
+
+
+@pytest.fixture
+def replica(student, monkeypatch):
+    """The server's replica class without Serve (``@serve.batch`` asks for a replica context: a stand-in), its
+    engine the tiny student's with a spy on tokenizing and an optional failure of marked rows."""
+    from types import SimpleNamespace as NS
+
+    import ray.serve
+
+    from app.serve.generate import Engine, fail_row
+    from app.serve.server import Replica
+
+    # @serve.batch keeps one queue per decorated method, bound to the event loop it started in (a replica has one
+    # loop); each test here runs its own loop, so each starts a new queue
+    monkeypatch.setattr(Replica._batch.set_max_batch_size.__self__, "_queue", None)
+    monkeypatch.setattr(ray.serve, "get_replica_context",
+                        lambda: NS(_deployment_config=NS(max_ongoing_requests=32), app_name="t", deployment="d",
+                                   replica_id=NS(unique_id="r")))
+
+    class Spy(Engine):
+        encoded: list = []  # (thread name) per prompt tokenized
+        poison: set = set()  # rows with this first token fail (as a sampling error would)
+        step_s: float = 0.0
+
+        def encode(self, text):
+            import threading
+
+            Spy.encoded.append(threading.current_thread().name)
+            return super().encode(text)
+
+        def run(self, rows):
+            for r in rows:
+                if r.prompt_ids[:1] and r.prompt_ids[0] in Spy.poison:
+                    fail_row(r, RuntimeError("secret internals /etc/passwd"))
+            if Spy.step_s:
+                hook = self.model.register_forward_hook(lambda *a: time.sleep(Spy.step_s))
+                try:
+                    return super().run(rows)
+                finally:
+                    hook.remove()
+            return super().run(rows)
+
+    m = _engine(student)[1]
+    eng = Spy(m.model, m.tokenizer)
+    Spy.encoded, Spy.poison, Spy.step_s = [], set(), 0.0
+    rep = Replica({"model": student, "model_name": "t", "api_key_env": None, "batch": {"max_batch_size": 8,
+                   "batch_wait_timeout_s": 0.05}, "limits": {"max_tokens": 400}}, engine=eng)
+    return rep, Spy
+
+
+async def _events(resp):
+    import json
+
+    out = []
+    async for chunk in resp.body_iterator:
+        for line in chunk.strip().split("\n\n"):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_counts_are_checked_before_tokenizing_which_runs_off_the_event_loop(replica):
+    import threading
+
+    from app.serve import protocol as P
+
+    rep, spy = replica
+
+    async def go():
+        with pytest.raises(P.APIError) as e:  # 9 prompts x n=1 > a batch of 8: refused before any tokenizing
+            await rep.completions(P.CompletionRequest(model="t", prompt=["the cat"] * 9, max_tokens=2))
+        assert e.value.param == "n" and spy.encoded == []
+        out = await rep.completions(P.CompletionRequest(model="t", prompt=["the cat", "a dog"], max_tokens=2))
+        assert len(out["choices"]) == 2
+        assert len(spy.encoded) == 2 and threading.current_thread().name not in spy.encoded
+
+    asyncio.run(go())
+
+
+def test_a_failing_request_ends_alone_with_a_generic_error_and_its_stream_stops_there(replica):
+    import json
+
+    from app.serve import protocol as P
+
+    rep, spy = replica
+    spy.poison = {rep.engine.encode("dog")[0]}
+
+    async def go():
+        good = P.CompletionRequest(model="t", prompt="the cat", max_tokens=4, temperature=0)
+        bad = P.CompletionRequest(model="t", prompt="dog park", max_tokens=4, temperature=0)
+        bad_stream = P.CompletionRequest(model="t", prompt="dog", max_tokens=4, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+        good_stream = P.CompletionRequest(model="t", prompt="the cat", max_tokens=4, temperature=0, stream=True,
+                                          stream_options={"include_usage": True})
+        expected = (await rep.completions(good))["choices"][0]["text"]
+        before = dict(rep.stats)
+
+        async def one(req):
+            resp = await rep.completions(req)
+            return await _events(resp) if req.stream else resp
+
+        ok, fail, s_bad, s_good = await asyncio.gather(*(one(r) for r in (good, bad, bad_stream, good_stream)))
+        assert rep.stats["batches"] - before["batches"] == 1  # all four in one batch
+        assert ok["choices"][0]["text"] == expected
+        assert fail.status_code == 500
+        for body in (json.loads(fail.body), s_bad[-1]):
+            assert body["error"]["type"] == "server_error" and "secret" not in body["error"]["message"]
+            assert "generation failed (request c" in body["error"]["message"]
+        assert "[DONE]" not in s_bad and not any("usage" in e for e in s_bad if isinstance(e, dict))
+        assert s_good[-1] == "[DONE]" and s_good[-2]["usage"]["completion_tokens"] == 4
+        assert "".join(e["choices"][0]["text"] for e in s_good if isinstance(e, dict) and e["choices"]) == expected
+        assert rep.stats["failed"] - before["failed"] == 2
+
+    asyncio.run(go())
+
+
+def test_a_request_cancelled_by_its_client_stops_its_rows(replica):
+    """Serve cancels a request whose HTTP client went away (its proxy watches for the disconnect): a non-streamed
+    request's rows stop at the next step instead of running on to max_tokens."""
+    from app.serve import protocol as P
+
+    rep, spy = replica
+    spy.step_s = 0.01
+
+    async def go():
+        task = asyncio.ensure_future(rep.completions(P.CompletionRequest(model="t", prompt="the cat", max_tokens=400,
+                                                                         ignore_eos=True)))
+        await asyncio.sleep(0.5)  # the batch is running
+        task.cancel()
+        t0 = time.monotonic()
+        while rep.stats["batches"] == 0:
+            assert time.monotonic() - t0 < 3, "the rows ran on"
+            await asyncio.sleep(0.02)
+        assert rep.stats["cancelled"] == 1 and 0 < rep.stats["generated_tokens"] < 200
+
+    asyncio.run(go())
+
+
+def test_the_gate_counts_streamed_body_bytes_and_hides_internal_errors():
+    import json
+
+    from app.serve.server import Gate, api
+
+    async def boom(scope, receive, send):
+        body = (await receive())["body"]
+        if body == b"raise":
+            raise RuntimeError("secret internals")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"got " + body})
+
+    async def call(chunks):
+        msgs = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        sent = []
+
+        async def receive():
+            return msgs.pop(0) if msgs else {"type": "http.disconnect"}
+
+        async def send(m):
+            sent.append(m)
+
+        scope = {"type": "http", "path": "/v1/completions", "headers": [(b"transfer-encoding", b"chunked")]}
+        await Gate(boom)(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    api.state.api_key, api.state.max_body_bytes = None, 100
+    try:
+        assert asyncio.run(call([b"x" * 60, b"y" * 30])) == (200, b"got " + b"x" * 60 + b"y" * 30)
+        status, body = asyncio.run(call([b"x" * 60] * 40))  # chunked: no Content-Length to go by
+        assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+        status, body = asyncio.run(call([b"raise"]))
+        assert status == 500 and b"secret" not in body and json.loads(body)["error"]["type"] == "server_error"
+    finally:
+        api.state.max_body_bytes = None
+
+
 # ------------------------------------------------------------------------------------------- the server
 
 
@@ -254,6 +458,9 @@ CHAT = {"model": "tiny-student", "messages": [{"role": "user", "content": "the c
     ("/completions", {**OK, "n": 5}, KEY, 400, "n"),
     ("/completions", {**OK, "prompt": ["the cat"] * 3, "n": 3}, KEY, 400, "n"),  # 9 sequences > a batch of 8
     ("/completions", {**OK, "stop": ["a", "b", "c", "d", "e"]}, KEY, 400, "stop"),
+    ("/completions", {**OK, "stop": ["x" * 257]}, KEY, 400, "stop"),  # limits.max_stop_chars
+    ("/completions", {**OK, "stop": ["a " * 100]}, KEY, 400, "stop"),  # 200 characters, 100 tokens > max_stop_tokens
+    ("/completions", {**OK, "seed": 1 << 64}, KEY, 400, "seed"),
     ("/completions", {**OK, "logprobs": 2}, KEY, 400, "unsupported_parameter"),
     ("/completions", {**OK, "presence_penalty": 0.5}, KEY, 400, "unsupported_parameter"),
     ("/completions", {**OK, "prompt": " ".join(["dog"] * 41)}, KEY, 400, "context_length_exceeded"),
@@ -288,6 +495,37 @@ def test_errors_reach_the_client_and_the_server_carries_on(server, client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
     assert client.completions.create(model="tiny-student", prompt="the cat", max_tokens=3).choices[0].finish_reason
+
+
+def test_one_bad_request_does_not_fail_the_others_in_its_batch(server, hf):
+    """Six good requests sent together with one whose seed is past 64 bits and one at temperature 1e-39: the seed
+    is refused alone (400), the tiny temperature decodes greedily, and the six get their own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{**OK, "prompt": p, "max_tokens": 8, "temperature": 0} for p in PROMPTS[:3] * 2]
+    bodies += [{**OK, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1.0, "seed": 1 << 64},
+               {**OK, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1e-39}]
+    expected = [reference(hf, list(hf.tokenizer(b["prompt"])["input_ids"]), 8)[0] for b in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        got = list(pool.map(lambda b: _post(server, "/completions", b), bodies))
+    assert [r.status_code for r in got] == [200] * 6 + [400, 200], [r.text for r in got]
+    assert got[6].json()["error"]["param"] == "seed"
+    for i in (0, 1, 2, 3, 4, 5, 7):
+        assert got[i].json()["choices"][0]["text"] == expected[i]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(server):
+    import requests
+
+    body = b'{"model": "tiny-student", "max_tokens": 1, "prompt": "' + b"dog " * 2500 + b'"}'  # 10 kB > 4096
+
+    def chunks():  # a generator body: Transfer-Encoding chunked, no Content-Length
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    r = requests.post(server + "/completions", data=chunks(), timeout=30,
+                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, hf):

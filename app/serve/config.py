@@ -75,10 +75,15 @@ class LimitsConfig:
     max_n: int = 8
     """The largest `n` (choices per prompt)."""
     max_body_bytes: int = 1 << 20
-    """Request bodies larger than this are refused (413)."""
+    """Request bodies larger than this are refused (413), counted as the bytes arrive (chunked bodies too)."""
+    max_stop_chars: int = 256
+    """The longest stop string, in characters (400 above it): decoding holds back text that may begin one."""
+    max_stop_tokens: int = 64
+    """The longest stop string, in the model's tokens (400 above it)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n", "max_body_bytes"):
+        for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n", "max_body_bytes",
+                     "max_stop_chars", "max_stop_tokens"):
             _check(getattr(self, name) >= 1, f"limits.{name}", "must be >= 1")
 
 

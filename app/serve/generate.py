@@ -15,6 +15,10 @@ What ``generate`` does not do per row is ours, in two hooks:
   tokens into text (incremental detokenization: a small window of tokens decoded twice, as TGI and vLLM do, so
   a step costs O(1); incomplete UTF-8 and a possible stop-string prefix are held back) and hands each delta to
   the row's ``sink`` as it comes, which is what streaming is built on.
+
+A row that fails in either hook (a seed its generator refuses, logits that give no distribution, a tokenizer
+error) ends alone, with ``finish_reason`` "error" and the exception in ``Row.error``; the other rows of the batch
+go on. Only a failure of the model's forward itself ends the whole batch.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ log = logging.getLogger(__name__)
 
 # vLLM's window for incremental detokenization: decode from a few tokens back so merges and spaces come out right
 _PREFIX_TOKENS = 5
+# Below this temperature a row is decoded greedily (vLLM's _SAMPLING_EPS): logits / 1e-39 overflow to inf, and
+# softmax of that is NaN.
+MIN_TEMPERATURE = 1e-5
+# Seeds of the rows' generators are taken modulo 2**63 (torch.Generator.manual_seed takes a 64-bit integer).
+SEED_MODULUS = 1 << 63
 
 
 @dataclass
@@ -35,13 +44,13 @@ class SamplingParams:
     max_tokens: int = 16
     """New tokens at most (the row ends with finish_reason "length")."""
     temperature: float = 1.0
-    """0: greedy; otherwise logits / temperature before the softmax."""
+    """Below MIN_TEMPERATURE (0 included): greedy; otherwise logits / temperature before the softmax."""
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
     stop: tuple[str, ...] = ()
     """Strings that end the row; the text returned stops before the first one (finish_reason "stop")."""
     seed: Optional[int] = None
-    """Seed of the row's own generator (None: drawn from os.urandom)."""
+    """Seed of the row's own generator, taken modulo 2**63 (None: drawn from os.urandom)."""
     ignore_eos: bool = False
     """Go on past EOS to max_tokens (vLLM's extension; for benchmarks with fixed output lengths)."""
 
@@ -62,6 +71,8 @@ class Row:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: Optional[str] = None
+    """"length", "stop", "cancelled", or "error" (then ``error`` holds the exception)."""
+    error: Optional[BaseException] = None
     # incremental detokenization (offsets into prompt_ids + token_ids) and the text not yet released
     _prefix: int = 0
     _read: int = 0
@@ -90,13 +101,25 @@ def nucleus_probs(logits: Any, temperature: float, top_p: float) -> Any:
     return probs
 
 
+def is_greedy(temperature: float) -> bool:
+    return temperature < MIN_TEMPERATURE
+
+
 def sample_row(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
-    """One token from ``logits`` (V,): the argmax at temperature 0, else a draw from ``nucleus_probs``."""
+    """One token from ``logits`` (V,): the argmax below MIN_TEMPERATURE, else a draw from ``nucleus_probs``."""
     import torch
 
-    if temperature == 0:
+    if is_greedy(temperature):
         return int(torch.argmax(logits))
     return int(torch.multinomial(nucleus_probs(logits, temperature, top_p), 1, generator=generator))
+
+
+def fail_row(r: Row, error: BaseException) -> None:
+    """End ``r`` alone: finish_reason "error", nothing more released (its sink hears the end)."""
+    log.warning("a row failed and ends alone: %s: %s", type(error).__name__, error)
+    r.error, r.finish_reason, r._pending = error, "error", ""
+    if r.sink is not None:
+        r.sink("", "error")
 
 
 class RowSampler:
@@ -106,20 +129,26 @@ class RowSampler:
         import torch
 
         self.rows = rows
-        self.gens = []
+        self.gens: list = []
         for r in rows:
             g = torch.Generator(device=device)
-            g.manual_seed(r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            seed = r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+            try:
+                g.manual_seed(seed % SEED_MODULUS)
+            except Exception as e:  # noqa: BLE001 - this row ends; the others go on
+                fail_row(r, e)
             self.gens.append(g)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:  # (B, T), (B, V) -> (B, V)
-        import torch
-
         out = None
         for i, (r, g) in enumerate(zip(self.rows, self.gens)):
-            if r.params.temperature == 0 or r.done:
+            if is_greedy(r.params.temperature) or r.done:
                 continue  # greedy rows (and finished ones) keep their scores: generate takes the argmax
-            tok = sample_row(scores[i], r.params.temperature, r.params.top_p, g)
+            try:
+                tok = sample_row(scores[i], r.params.temperature, r.params.top_p, g)
+            except Exception as e:  # noqa: BLE001 - e.g. NaN logits: this row ends; the others go on
+                fail_row(r, e)
+                continue
             if out is None:
                 out = scores.clone()
             out[i].fill_(-float("inf"))
@@ -143,7 +172,10 @@ class RowStopper:
         done = []
         for r, t in zip(self.rows, new):
             if not r.done:
-                self._step(r, int(t))
+                try:
+                    self._step(r, int(t))
+                except Exception as e:  # noqa: BLE001 - a decode or sink error ends this row only
+                    fail_row(r, e)
             done.append(r.done)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -169,8 +201,20 @@ class RowStopper:
         elif len(r.token_ids) >= r.params.max_tokens:
             self._finish(r, "length")
         else:  # release what cannot be the start of a stop string
-            hold = max((k for s in r.params.stop for k in range(1, len(s)) if r._pending.endswith(s[:k])), default=0)
-            self._emit(r, r._pending[: len(r._pending) - hold])
+            self._emit(r, r._pending[: len(r._pending) - self._hold(r)])
+
+    @staticmethod
+    def _hold(r: Row) -> int:
+        """Length of the longest end of the pending text that begins a stop string (it may yet become one).
+        Only ends up to the pending text's length are tried, and the pending text is what this step decoded plus
+        what was held before (shorter than the longest stop string, which ``limits.max_stop_chars`` bounds): a
+        step costs O(len(pending)^2) per stop string, not O(len(stop)^2) whatever was decoded."""
+        p = r._pending
+        for k in range(min(max((len(s) for s in r.params.stop), default=1) - 1, len(p)), 0, -1):
+            tail = p[len(p) - k:]
+            if any(len(s) > k and s.startswith(tail) for s in r.params.stop):
+                return k
+        return 0
 
     def _cut_at_stop(self, r: Row) -> bool:
         hits = [i for i in (r._pending.find(s) for s in r.params.stop) if i >= 0]

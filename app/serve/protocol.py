@@ -15,7 +15,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.serve.config import LimitsConfig
-from app.serve.generate import SamplingParams
+from app.serve.generate import MIN_TEMPERATURE, SamplingParams
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class APIError(Exception):
@@ -106,8 +108,10 @@ def sampling(req: _Request, limits: LimitsConfig, default_max_tokens: int, max_t
     if not 1 <= mt <= limits.max_tokens:
         raise APIError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {mt}", param="max_tokens")
     t = 1.0 if req.temperature is None else req.temperature
-    if not 0.0 <= t <= 2.0:
+    if not 0.0 <= t <= 2.0:  # NaN fails this too
         raise APIError(400, f"temperature must be between 0 and 2, got {t}", param="temperature")
+    if t < MIN_TEMPERATURE:
+        t = 0.0  # greedy, as vLLM: logits / 1e-39 overflow
     p = 1.0 if req.top_p is None else req.top_p
     if not 0.0 < p <= 1.0:
         raise APIError(400, f"top_p must be in (0, 1], got {p}", param="top_p")
@@ -117,6 +121,11 @@ def sampling(req: _Request, limits: LimitsConfig, default_max_tokens: int, max_t
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(400, "stop must be up to 4 non-empty strings", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise APIError(400, f"a stop string is longer than this server's limit of {limits.max_stop_chars} characters",
+                       param="stop")
+    if req.seed is not None and not INT64_MIN <= req.seed <= INT64_MAX:
+        raise APIError(400, f"seed must be a 64-bit signed integer ({INT64_MIN}..{INT64_MAX})", param="seed")
     return SamplingParams(max_tokens=mt, temperature=t, top_p=p, stop=tuple(stop), seed=req.seed,
                           ignore_eos=bool(req.ignore_eos))
 

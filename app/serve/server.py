@@ -8,6 +8,12 @@ are decoded together by ``generate.Engine`` and each request gets its rows back,
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 a value the server cannot
 honour, 401 a missing or wrong API key, 404 an unknown model or route, 413 a body over ``limits.max_body_bytes``,
 422 a body that does not fit the schema, 500 a failure while generating; the replica carries on after each.
+A 500 says only that generation failed, with the request's id; what failed goes to the replica's log.
+
+One request cannot fail or stall the others: its values are checked before it joins a batch (seed, temperature,
+stop strings, counts before any tokenizing, which runs off the event loop), a row that fails in the batch ends
+only its own request (``generate``), and a request whose client went away (streaming or not: Serve cancels it)
+has its rows stopped at the next step.
 
 Start it with ``distillery serve MODEL`` (``start`` below), ``serve run cluster/serve.yaml`` (``build_app``) or
 ``ray job submit -- python jobs/serve.py``.
@@ -31,10 +37,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serve import protocol as P
 from app.serve.config import ServeConfig
-from app.serve.generate import Engine, Row
+from app.serve.generate import SEED_MODULUS, Engine, Row
 
 log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: the lines land in the replica's log
 
@@ -63,27 +70,80 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse(P.error_body(str(exc.detail), type=kind), status_code=exc.status_code)
 
 
-@api.middleware("http")
-async def _gate(request: Request, call_next):
-    """The API key (every path but /health) and the body size, before the body is read or parsed."""
-    state = request.app.state
-    if not request.url.path.rstrip("/").endswith("/health") and getattr(state, "api_key", None):
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-            return JSONResponse(P.error_body("Incorrect or missing API key (Authorization: Bearer ...)",
-                                             code="invalid_api_key"), status_code=401)
-    size = request.headers.get("content-length")
-    limit = getattr(state, "max_body_bytes", None)
-    if limit and size and size.isdigit() and int(size) > limit:
-        return JSONResponse(P.error_body(f"request body of {size} bytes is over the limit of {limit}",
-                                         code="request_too_large"), status_code=413)
-    try:
-        return await call_next(request)
-    except Exception as e:  # noqa: BLE001 - the replica answers and carries on
-        log.exception("request failed")
-        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"),
-                            status_code=500)
+class Gate:
+    """ASGI middleware, before any route: the API key (every path but /health), the body size counted as the
+    bytes arrive (a chunked body has no Content-Length), and a generic 500 for anything a route let escape.
+
+    The body (at most ``max_body_bytes``) is read here and handed on whole; later ``receive`` calls go to the
+    client's, so the app still hears a disconnect. Pure ASGI rather than ``@app.middleware``: Starlette's
+    BaseHTTPMiddleware runs the route in another task, which breaks cancellation and disconnect detection."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = api.state  # this module's app: the replica's __init__ sets it (Serve runs a copy of the app)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = getattr(state, "api_key", None)
+        if key and not scope["path"].rstrip("/").endswith("/health"):
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                return await _send_json(send, 401, P.error_body("Incorrect or missing API key (Authorization: "
+                                                                "Bearer ...)", code="invalid_api_key"))
+        limit = getattr(state, "max_body_bytes", None)
+        size = headers.get("content-length", "")
+        if limit and size.isdigit() and int(size) > limit:
+            return await _send_json(send, 413, _too_large(size, limit))
+        chunks, seen, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return  # the client went away before its body came
+            body = msg.get("body", b"")
+            seen += len(body)
+            if limit and seen > limit:
+                return await _send_json(send, 413, _too_large(f"more than {limit}", limit))
+            chunks.append(body)
+            more = msg.get("more_body", False)
+        whole: Optional[Message] = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal whole
+            if whole is not None:
+                msg, whole = whole, None
+                return msg
+            return await receive()
+
+        started = False
+
+        async def tracked(msg: Message) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, replay, tracked)
+        except Exception:  # noqa: BLE001 - the replica answers and carries on; the client gets no internals
+            log.exception("request to %s failed", scope.get("path"))
+            if not started:
+                await _send_json(send, 500, P.error_body("internal error (see the server log)", type="server_error"))
+
+
+def _too_large(size: str, limit: int) -> dict:
+    return P.error_body(f"request body of {size} bytes is over the limit of {limit}", code="request_too_large")
+
+
+async def _send_json(send: Send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+api.add_middleware(Gate)
 
 
 def read_api_key(cfg: ServeConfig) -> Optional[str]:
@@ -113,12 +173,11 @@ def _sse(obj: Union[dict, str]) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-@serve.deployment(name="StudentServer")
-@serve.ingress(api)
-class StudentServer:
-    """One replica: the model loaded once, requests batched into ``Engine.run`` on a worker thread."""
+class Replica:
+    """One replica: the model loaded once, requests batched into ``Engine.run`` on a worker thread.
+    (``StudentServer`` below is this class as a Serve deployment; ``engine`` lets a test give its own.)"""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, engine: Optional[Engine] = None):
         from app.config import _build
 
         self.cfg: ServeConfig = _build(ServeConfig, config)
@@ -128,12 +187,13 @@ class StudentServer:
                                f"{self.cfg.api_key_file!r}, environment variable {self.cfg.api_key_env!r})")
         api.state.api_key = key
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
-        self.engine = Engine.load(self.cfg.model, self.cfg.device, self.cfg.dtype)
+        self.engine = engine or Engine.load(self.cfg.model, self.cfg.device, self.cfg.dtype)
         self.name = self.cfg.served_name
         self.created = int(time.time())
         # ids a prompt may hold: known to the tokenizer and inside the embedding (either may be padded)
         self.vocab = min(len(self.engine.tok), self.engine.model.get_input_embeddings().num_embeddings)
-        self.stats = {"batches": 0, "sequences": 0, "largest_batch": 0, "generated_tokens": 0}
+        self.stats = {"batches": 0, "sequences": 0, "largest_batch": 0, "generated_tokens": 0, "cancelled": 0,
+                      "failed": 0}
         self._window = self._new_window()
         self._batch.set_max_batch_size(self.cfg.batch.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.cfg.batch.batch_wait_timeout_s)
@@ -145,7 +205,8 @@ class StudentServer:
 
     @api.get("/health")
     async def health(self) -> dict:
-        """Liveness, and this replica's batching so far (batches run, sequences in them, the largest)."""
+        """Liveness, and this replica's batching so far (batches run, sequences in them, the largest; sequences
+        stopped because their client went away, and sequences that failed)."""
         return {"status": "ok", "model": self.name, **self.stats}
 
     @api.get("/v1/models")
@@ -159,8 +220,10 @@ class StudentServer:
         self._check_model(req.model)
         P.check_completion(req)
         params = P.sampling(req, self.cfg.limits, min(16, self.cfg.limits.max_tokens), req.max_tokens)
-        prompts = [self._prompt_ids(p) for p in P.completion_prompts(req)]
-        return await self._answer(req, prompts, params, chat=False)
+        prompts = P.completion_prompts(req)
+        self._check_count(len(prompts), req)  # before any tokenizing
+        ids = await asyncio.to_thread(self._encode, prompts, params.stop)  # off the event loop
+        return await self._answer(req, ids, params, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: P.ChatCompletionRequest):
@@ -171,11 +234,9 @@ class StudentServer:
                              code="no_chat_template")
         params = P.sampling(req, self.cfg.limits, min(self.cfg.limits.default_max_tokens, self.cfg.limits.max_tokens),
                             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
-        try:
-            ids = self.engine.encode_chat(P.chat_messages(req))
-        except Exception as e:  # noqa: BLE001 - a template that rejects these messages (roles, order)
-            raise P.APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
-        return await self._answer(req, [self._check_length(ids, "messages")], params, chat=True)
+        self._check_count(1, req)
+        ids = await asyncio.to_thread(self._encode_chat, P.chat_messages(req), params.stop)
+        return await self._answer(req, [ids], params, chat=True)
 
     # -- helpers
 
@@ -184,12 +245,38 @@ class StudentServer:
             raise P.APIError(404, f"the model '{model}' does not exist; this server has '{self.name}'",
                              param="model", code="model_not_found", type="not_found_error")
 
+    def _check_count(self, prompts: int, req: Any) -> None:
+        n = P.choices_per_prompt(req)
+        if prompts * n > self.cfg.batch.max_batch_size:
+            raise P.APIError(400, f"{prompts} prompts x n={n} sequences is more than a batch holds "
+                                  f"({self.cfg.batch.max_batch_size})", param="n")
+
     def _check_length(self, ids: list[int], param: str = "prompt") -> list[int]:
         limit = self.cfg.limits.max_prompt_tokens
         if len(ids) > limit:
             raise P.APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {limit}",
                              param=param, code="context_length_exceeded")
         return ids
+
+    def _check_stop(self, stop: tuple[str, ...]) -> None:
+        limit = self.cfg.limits.max_stop_tokens
+        if any(len(self.engine.tok(s, add_special_tokens=False)["input_ids"]) > limit for s in stop):
+            raise P.APIError(400, f"a stop string is longer than this server's limit of {limit} tokens", param="stop")
+
+    def _encode(self, prompts: list[Union[str, list[int]]], stop: tuple[str, ...]) -> list[list[int]]:
+        """The prompts as token ids, checked (runs on a worker thread)."""
+        self._check_stop(stop)
+        return [self._prompt_ids(p) for p in prompts]
+
+    def _encode_chat(self, messages: list[dict], stop: tuple[str, ...]) -> list[int]:
+        import jinja2
+
+        self._check_stop(stop)
+        try:
+            ids = self.engine.encode_chat(messages)
+        except jinja2.TemplateError as e:  # the template refuses these messages (roles, order): its own words
+            raise P.APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
+        return self._check_length(ids, "messages")
 
     def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
         if isinstance(prompt, str):
@@ -206,12 +293,17 @@ class StudentServer:
             ids = [bos]
         return self._check_length(ids)
 
+    def _failed(self, rid: str, error: Optional[BaseException]) -> dict:
+        """Log what failed (with the request id) and the body the client gets, which holds no internals."""
+        if error is not None:
+            log.error("request %s: generation failed: %s: %s", rid, type(error).__name__, error, exc_info=error)
+        return P.error_body(f"generation failed (request {rid}); the server's log has the details",
+                            type="server_error")
+
     async def _answer(self, req: Any, prompts: list[list[int]], params, chat: bool):
         n = P.choices_per_prompt(req)
-        if len(prompts) * n > self.cfg.batch.max_batch_size:
-            raise P.APIError(400, f"{len(prompts)} prompts x n={n} sequences is more than a batch holds "
-                                  f"({self.cfg.batch.max_batch_size})", param="n")
-        rows = [Row(ids, dataclasses.replace(params, seed=None if params.seed is None else params.seed + j))
+        seed = params.seed
+        rows = [Row(ids, dataclasses.replace(params, seed=None if seed is None else (seed + j) % SEED_MODULUS))
                 for ids in prompts for j in range(n)]
         rid, created = P.new_id("chatcmpl" if chat else "cmpl"), P.now()
         prompt_tokens = sum(len(p) for p in prompts)
@@ -221,9 +313,15 @@ class StudentServer:
                                      media_type="text/event-stream")
         try:
             await self._batch(Job(rows))
-        except Exception as e:  # noqa: BLE001 - the error goes to the client; the replica carries on
-            log.exception("generation failed")
-            raise P.APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from e
+        except asyncio.CancelledError:  # the client went away (Serve cancels the request): stop its rows
+            for r in rows:
+                r.cancelled = True
+            raise
+        except Exception as e:  # noqa: BLE001 - the batch failed (the model's forward): every request in it
+            return JSONResponse(self._failed(rid, e), status_code=500)
+        failed = next((r for r in rows if r.error is not None), None)
+        if failed is not None:  # a row of this request failed: this request only
+            return JSONResponse(self._failed(rid, failed.error), status_code=500)
         use = P.usage(prompt_tokens, sum(r.completion_tokens for r in rows))
         if chat:
             return P.chat_completion(rid, self.name, created,
@@ -233,6 +331,8 @@ class StudentServer:
 
     async def _stream(self, rows: list[Row], rid: str, created: int, prompt_tokens: int, chat: bool,
                       include_usage: bool):
+        """Server-sent events of ``rows`` as they decode. A failure (a row of this request, or the batch) sends
+        one error event and ends the stream there: no usage chunk, no ``[DONE]``."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         for i, r in enumerate(rows):  # called on the engine's thread: hand each delta to this loop
             r.sink = lambda delta, finish, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, delta, finish))
@@ -246,9 +346,12 @@ class StudentServer:
                 i, delta, finish = await events.get()
                 if i == "end":
                     if delta is not None:
-                        log.error("generation failed: %r", delta)
-                        yield _sse(P.error_body(f"generation failed: {type(delta).__name__}: {delta}", type="server_error"))
+                        yield _sse(self._failed(rid, delta))
+                        return
                     break
+                if finish == "error":
+                    yield _sse(self._failed(rid, rows[i].error))
+                    return
                 if chat:
                     if delta:
                         yield _sse(P.chat_chunk(rid, self.name, created, i, {"content": delta}, None))
@@ -260,7 +363,7 @@ class StudentServer:
                 yield _sse(P.usage_chunk(rid, self.name, created, "chat.completion.chunk" if chat else "text_completion",
                                          P.usage(prompt_tokens, sum(r.completion_tokens for r in rows))))
             yield _sse("[DONE]")
-        finally:  # the client went away (or all is done): stop its rows at the next step
+        finally:  # the client went away, a row failed, or all is done: stop this request's rows at the next step
             for r in rows:
                 r.cancelled = True
 
@@ -280,6 +383,8 @@ class StudentServer:
             d["sequences"] += len(rows)
             d["generated_tokens"] += tokens
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        self.stats["cancelled"] += sum(r.finish_reason == "cancelled" for r in rows)
+        self.stats["failed"] += sum(r.finish_reason == "error" for r in rows)
         w = self._window
         w["busy"] += dt
         log.debug("batch: %d requests, %d sequences, %d tokens in %.2fs", len(jobs), len(rows), tokens, dt)
@@ -290,6 +395,9 @@ class StudentServer:
                      100 * w["busy"] / span)
             self._window = self._new_window()
         return [None] * len(jobs)
+
+
+StudentServer = serve.deployment(name="StudentServer")(serve.ingress(api)(Replica))
 
 
 # ----------------------------------------------------------------------------------------------- starting
