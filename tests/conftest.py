@@ -2,7 +2,6 @@
 
 import json
 import os
-import time
 
 # Ray must bind to loopback only: set before Ray is imported anywhere.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -11,22 +10,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast ins
 
 import pytest  # noqa: E402
 
-# `slow` tests (real SmolLM2, make run, bigger corpora) run last, and only while the suite is under this many
-# seconds: CI has a 20-minute budget for the whole suite. DISTILLERY_SLOW_BUDGET_S=inf runs them all.
-SLOW_BUDGET_S = float(os.environ.get("DISTILLERY_SLOW_BUDGET_S", "840"))
-_STARTED = time.monotonic()
+from tests.listeners import ListenerWatch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    """`slow` tests (real SmolLM2, make run, bigger corpora) run last; every test runs (`-m "not slow"` leaves them
+    out of a quick local loop)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: the order is kept otherwise
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    ran = time.monotonic() - _STARTED
-    if item.get_closest_marker("slow") and ran > SLOW_BUDGET_S:
-        pytest.skip(f"slow test left out: the suite has run {ran / 60:.1f} min, past its {SLOW_BUDGET_S / 60:.0f}-minute "
-                    "budget for slow tests (DISTILLERY_SLOW_BUDGET_S=inf runs them)")
+@pytest.fixture(scope="session")
+def listener_watch():
+    """Looks, four times a second all session long, for a process of the session listening beyond loopback."""
+    watch = ListenerWatch().start()
+    yield watch
+    watch.stop()
+
+
+@pytest.fixture(autouse=True)
+def _nothing_listens_beyond_loopback(listener_watch):
+    """Every test: no process of the session (Ray's, the jobs' it started) listened outside 127.0.0.0/8 or ::1
+    while it ran (Ray Train's process group, Serve's proxy, the dashboard, ...)."""
+    seen = listener_watch.take()  # since the last test: this test's module fixtures, or an earlier teardown
+    yield
+    seen += listener_watch.take()
+    if seen:
+        pytest.fail("processes of this session listened beyond loopback: " + "; ".join(
+            f"{s['address']}:{s['port']} pid {s['pid']} ({s['process']})" for s in seen), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -417,6 +417,7 @@ def trainer(prep: Prepared, callbacks: tuple = ()):
     from ray.train.torch import TorchTrainer
 
     from app.config import to_dict
+    from app.distill.backend import NodeBoundTorchConfig
 
     cfg, tc = prep.cfg, prep.cfg.train
     return TorchTrainer(
@@ -424,6 +425,7 @@ def trainer(prep: Prepared, callbacks: tuple = ()):
         train_loop_config={"cfg": to_dict(cfg), "plan": prep.plan.__dict__, "data": prep.packed.to_dict(),
                            "output": cfg.output, "topk": prep.topk},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
+        torch_config=NodeBoundTorchConfig(),  # the process group listens on the node's Ray address only
         run_config=RunConfig(name="train", storage_path=os.path.join(cfg.output, "ray"),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
