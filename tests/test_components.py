@@ -56,3 +56,17 @@ def test_bucket_edges_exact_and_near():
     e = {(r["a"], r["b"]) for r in bucket_edges(t).to_pylist()}
     assert e == {("a", "b"), ("a", "c"), ("a", "e"), ("b", "c"), ("c", "e")}
     assert bucket_edges(t.slice(0, 1)).num_rows == 0
+    # copies bucket (exact dedup off): the exact bucket's star, as near candidates
+    t = pa.table({"key": ["cx"] * 3, "id": ["c", "a", "b"], "exact_hash": ["x"] * 3})
+    assert bucket_edges(t).to_pylist() == [{"a": "a", "b": "b", "kind": "near"}, {"a": "a", "b": "c", "kind": "near"}]
+
+
+def test_bucket_rows_key_copies_by_hash_whatever_the_exact_setting():
+    from app.refine.lsh import bucket_rows
+
+    t = pa.table({"id": ["a", "b"], "exact_hash": ["h1", "h2"], "bands": pa.array([[1, 2], [3, 4]], pa.list_(pa.uint64()))})
+    keys = lambda **kw: sorted(bucket_rows(t, **kw).column("key").to_pylist())  # noqa: E731
+    bands = [f"b{i}:{k:016x}" for i, k in [(0, 1), (1, 2), (0, 3), (1, 4)]]
+    assert keys(exact=True, near=True) == sorted(["eh1", "eh2", *bands])
+    assert keys(exact=False, near=True) == sorted(["ch1", "ch2", *bands])
+    assert keys(exact=True, near=False) == ["eh1", "eh2"]

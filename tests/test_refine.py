@@ -157,6 +157,36 @@ def test_transitive_chain_is_one_cluster_with_the_smallest_representative(corpus
     assert "near_duplicate" not in (dropped.get("chain-1", {}).get("drop_reasons") or [])
 
 
+@pytest.mark.parametrize("exact,near", [(True, True), (False, True), (True, False), (False, False)])
+def test_copies_and_near_copies_are_dropped_whatever_the_exact_setting(ray_local, real_texts, tmp_path, exact, near):
+    """a = T, b = T, c = T with one word changed, d unrelated: b goes whenever some dedup is on (as an exact
+    duplicate, or a near one of Jaccard 1 when exact dedup is off), c whenever near dedup is on."""
+    from app.refine.minhash import jaccard, shingles
+    from app.refine.pipeline import run_refine
+    from tests.conftest import write_jsonl
+
+    text = next(t for t in real_texts if len(t.split()) >= 200)
+    words = text.split()
+    changed = " ".join(words[:100] + ["zebra"] + words[101:])
+    assert jaccard(shingles(text), shingles(changed)) >= 0.9
+    docs = {"a": text, "b": text, "c": changed, "d": next(t for t in real_texts if t[:50] != text[:50])}
+    write_jsonl(str(tmp_path / "in" / "s.jsonl"), [{"id": k, "text": v} for k, v in docs.items()])
+    cfg = load_config(RefineConfig, None, [*NO_MODELS, "heuristics.enabled=false", "dedup.num_partitions=2",
+                                           f"dedup.exact.enabled={str(exact).lower()}",
+                                           f"dedup.near.enabled={str(near).lower()}"])
+    report = run_refine([str(tmp_path / "in")], str(tmp_path / "out"), cfg)
+    dropped = {r["id"]: (r["drop_reason"], r["duplicate_of"]) for r in read_dir(str(tmp_path / "out" / "dropped"))}
+    want = {}
+    if exact:
+        want["b"] = ("exact_duplicate", "a")
+    elif near:
+        want["b"] = ("near_duplicate", "a")
+    if near:
+        want["c"] = ("near_duplicate", "a")
+    assert dropped == want
+    assert report["counts"]["kept"] == 4 - len(want) and report["accounting"]["ok"]
+
+
 def test_identical_input_gives_identical_output(corpus, run1):
     """A second run, with another number of graph partitions, writes the same rows and the same report."""
     from app.refine.pipeline import run_refine

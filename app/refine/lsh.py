@@ -2,9 +2,13 @@
 
 Flow (see ``pipeline.py``):
     minhash_step      adds ``bands`` (list<uint64>, one key per band) next to ``exact_hash``
-    bucket_rows       one row per (document, key): the exact key ``e<hash>`` and the band keys ``b<i>:<key>``
+    bucket_rows       one row per (document, key): the exact key ``e<hash>`` and the band keys ``b<i>:<key>``;
+                      with exact dedup off and near dedup on, the copies key ``c<hash>`` instead of ``e<hash>``
     bucket_edges      run per bucket inside the Ray Data ``groupby(key).map_groups`` shuffle:
                         exact bucket -> star edges smallest id -> every other id (kind "exact")
+                        copies bucket -> the same star, as near candidates (kind "near"): band buckets keep one
+                                        document per exact hash, so without it the other copies of a text would
+                                        have no edge and be kept when exact dedup is off
                         band bucket  -> members reduced to one per exact hash (the exact representative),
                                         sorted by id; star edges from the smallest + chain edges between
                                         neighbours (kind "near"), so one dissimilar anchor that collided by
@@ -49,14 +53,15 @@ def minhash_step(table: pa.Table, *, num_perm: int, ngram: int, seed: int, bands
 
 
 def bucket_rows(batch: pa.Table, *, exact: bool, near: bool) -> pa.Table:
-    """(key, id, exact_hash) rows: one exact key and one key per band for every document."""
+    """(key, id, exact_hash) rows: one exact (or copies) key and one key per band for every document."""
     ids = batch.column("id").to_pylist()
     hashes = batch.column("exact_hash").to_pylist()
     bands = batch.column("bands").to_pylist() if near else None
     keys, out_ids, out_hash = [], [], []
+    copies = "e" if exact else "c"  # exact off: the copies of a text are still near duplicates (Jaccard 1)
     for j, (id_, h) in enumerate(zip(ids, hashes)):
-        if exact:
-            keys.append("e" + h)
+        if exact or near:
+            keys.append(copies + h)
             out_ids.append(id_)
             out_hash.append(h)
         if near:
@@ -74,9 +79,9 @@ def bucket_edges(group: pa.Table) -> pa.Table:
         return EDGE_SCHEMA.empty_table()
     key = group.column("key")[0].as_py()
     ids = group.column("id").to_pylist()
-    if key.startswith("e"):
+    if key[0] in "ec":
         members = sorted(set(ids))
-        kind = "exact"
+        kind = "exact" if key[0] == "e" else "near"
         a = [members[0]] * (len(members) - 1)
         b = members[1:]
     else:
