@@ -235,12 +235,12 @@ def test_scaling_sweep_on_ray_tune_writes_the_runs_table_and_fits(ray_local, tmp
             "distill.train.batch_size=4", "distill.train.eval_batches=4", "distill.train.lr=0.01",
             "distill.train.checkpoint_every=1000",
             "sizes=[{hidden_size: 8, num_layers: 1}, {hidden_size: 16, num_layers: 1}, {hidden_size: 32, num_layers: 2}]",
-            "budgets=[1.0e+8, 2.0e+8, 4.0e+8]", "min_steps=2", "bootstrap=5", "fit_top_inits=100", "max_concurrent_trials=2"]
+            "budgets=[2.5e+7, 5.0e+7, 1.0e+8]", "min_steps=2", "bootstrap=5", "fit_top_inits=100", "max_concurrent_trials=2"]
     cfg = load_config(ScalingSweepConfig, None, sets)
     res = sweep(cfg)
     table = pq.read_table(tmp_path / "sweep" / "runs.parquet").to_pylist()
     assert len(table) == res["runs"] and not res["failed"]
-    assert {r["budget"] for r in table} == {1e8, 2e8, 4e8}
+    assert {r["budget"] for r in table} == {2.5e7, 5e7, 1e8}
     per_step = 4 * 32
     for r in table:
         assert r["D"] == r["steps"] * per_step and r["loss"] > 0
