@@ -95,16 +95,21 @@ def _name(pid: int) -> str:
         return "?"
 
 
-def outside_listeners(root: int | None = None) -> list[dict]:
-    """Listening sockets beyond 127.0.0.0/8 and ::1 held by ``root`` (default: this process) or a descendant."""
-    outside = [(a, p, i) for a, p, i in listening() if not is_loopback(a)]
+def outside_listeners(root: int | None = None, foreign: set | None = None) -> list[dict]:
+    """Listening sockets beyond 127.0.0.0/8 and ::1 held by ``root`` (default: this process) or a descendant.
+    ``foreign``: socket inodes already found to be another process's (skipped; the ones found now are added). A
+    socket is in its process's descriptor table before it listens, so an inode found foreign stays foreign."""
+    foreign = set() if foreign is None else foreign
+    outside = [(a, p, i) for a, p, i in listening() if not is_loopback(a) and i not in foreign]
     if not outside:
         return []
     pids = descendants(os.getpid() if root is None else root)
     found = []
     for addr, port, inode in outside:
         pid = _owner(inode, pids)
-        if pid is not None:
+        if pid is None:
+            foreign.add(inode)
+        else:
             found.append({"address": addr, "port": port, "pid": pid, "process": _name(pid)})
     return found
 
@@ -120,6 +125,7 @@ class ListenerWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="listener-watch", daemon=True)
         self._root = os.getpid()
+        self._foreign: set = set()  # listening sockets of processes outside the session (the machine's own)
 
     def start(self) -> "ListenerWatch":
         self._thread.start()
@@ -132,7 +138,7 @@ class ListenerWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                found = outside_listeners(self._root)
+                found = outside_listeners(self._root, self._foreign)
             except Exception as e:  # noqa: BLE001 - a look that fails is reported, not silent
                 found = [{"address": "?", "port": -1, "pid": -1, "process": f"the look failed: {e!r}"}]
             with self._lock:
@@ -144,7 +150,7 @@ class ListenerWatch:
 
     def take(self) -> list[dict]:
         """What was seen since the last ``take`` (and a look made now, so nothing that is still there is missed)."""
-        now = outside_listeners(self._root)
+        now = outside_listeners(self._root, self._foreign)
         with self._lock:
             seen = self._seen + [f for f in now if f not in self._seen]
             self._seen = []

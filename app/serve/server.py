@@ -173,6 +173,27 @@ def _sse(obj: Union[dict, str]) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
+def pin_replica_grpc() -> None:
+    """Ray Serve 2.60's replica starts its inter-deployment gRPC server on ``[::]:0``, every interface, after the
+    deployment's constructor (``ray.serve._private.replica``, ``_on_initialized``). Called from the constructor,
+    this rebinds that one address to the node's Ray address (127.0.0.1 on a loopback session; the node's cluster
+    address on a real cluster, where the other replicas and proxies reach it by that address and the port)."""
+    import ray
+    from ray.serve._private import replica as serve_replica
+
+    add = serve_replica.add_port_to_grpc_server
+    if getattr(add, "pinned", False):
+        return
+    node = ray.util.get_node_ip_address()
+    host = f"[{node}]" if ":" in node else node
+
+    def pinned(server, address: str):
+        return add(server, host + address[len("[::]"):] if address.startswith("[::]:") else address)
+
+    pinned.pinned = True
+    serve_replica.add_port_to_grpc_server = pinned
+
+
 class Replica:
     """One replica: the model loaded once, requests batched into ``Engine.run`` on a worker thread.
     (``StudentServer`` below is this class as a Serve deployment; ``engine`` lets a test give its own.)"""
@@ -180,6 +201,8 @@ class Replica:
     def __init__(self, config: dict, engine: Optional[Engine] = None):
         from app.config import _build
 
+        if engine is None:  # in a Serve replica
+            pin_replica_grpc()
         self.cfg: ServeConfig = _build(ServeConfig, config)
         key = read_api_key(self.cfg)
         if self.cfg.require_api_key and not key:
