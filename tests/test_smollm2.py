@@ -52,7 +52,7 @@ def prose():
         if len(w) >= 150:
             out.append(" ".join(w[:120]))
     assert len(out) >= 16
-    return out[:24]
+    return out[:12]
 
 
 def test_smollm2_separates_prose_from_corruptions(prose):
