@@ -119,7 +119,10 @@ def fail_row(r: Row, error: BaseException) -> None:
     log.warning("a row failed and ends alone: %s: %s", type(error).__name__, error)
     r.error, r.finish_reason, r._pending = error, "error", ""
     if r.sink is not None:
-        r.sink("", "error")
+        try:
+            r.sink("", "error")
+        except Exception:  # noqa: BLE001 - the sink may be what failed; the row has ended either way
+            log.warning("the failed row's sink failed too", exc_info=True)
 
 
 class RowSampler:
