@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.serve.config import LimitsConfig
-from app.serve.generate import MIN_TEMPERATURE, SamplingParams
+from app.serve.generate import SamplingParams
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -108,10 +108,8 @@ def sampling(req: _Request, limits: LimitsConfig, default_max_tokens: int, max_t
     if not 1 <= mt <= limits.max_tokens:
         raise APIError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {mt}", param="max_tokens")
     t = 1.0 if req.temperature is None else req.temperature
-    if not 0.0 <= t <= 2.0:  # NaN fails this too
+    if not 0.0 <= t <= 2.0:  # NaN fails this too; below generate.MIN_TEMPERATURE the row is greedy
         raise APIError(400, f"temperature must be between 0 and 2, got {t}", param="temperature")
-    if t < MIN_TEMPERATURE:
-        t = 0.0  # greedy, as vLLM: logits / 1e-39 overflow
     p = 1.0 if req.top_p is None else req.top_p
     if not 0.0 < p <= 1.0:
         raise APIError(400, f"top_p must be in (0, 1], got {p}", param="top_p")

@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serve import protocol as P
 from app.serve.config import ServeConfig
-from app.serve.generate import SEED_MODULUS, Engine, Row
+from app.serve.generate import Engine, Row
 
 log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: the lines land in the replica's log
 
@@ -91,12 +91,12 @@ class Gate:
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode(), key.encode()):
-                return await _send_json(send, 401, P.error_body("Incorrect or missing API key (Authorization: "
-                                                                "Bearer ...)", code="invalid_api_key"))
+                return await JSONResponse(P.error_body("Incorrect or missing API key (Authorization: Bearer ...)",
+                                                       code="invalid_api_key"), 401)(scope, receive, send)
         limit = getattr(state, "max_body_bytes", None)
         size = headers.get("content-length", "")
         if limit and size.isdigit() and int(size) > limit:
-            return await _send_json(send, 413, _too_large(size, limit))
+            return await JSONResponse(_too_large(size, limit), 413)(scope, receive, send)
         chunks, seen, more = [], 0, True
         while more:
             msg = await receive()
@@ -105,7 +105,7 @@ class Gate:
             body = msg.get("body", b"")
             seen += len(body)
             if limit and seen > limit:
-                return await _send_json(send, 413, _too_large(f"more than {limit}", limit))
+                return await JSONResponse(_too_large(f"more than {limit}", limit), 413)(scope, receive, send)
             chunks.append(body)
             more = msg.get("more_body", False)
         whole: Optional[Message] = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
@@ -129,18 +129,12 @@ class Gate:
         except Exception:  # noqa: BLE001 - the replica answers and carries on; the client gets no internals
             log.exception("request to %s failed", scope.get("path"))
             if not started:
-                await _send_json(send, 500, P.error_body("internal error (see the server log)", type="server_error"))
+                await JSONResponse(P.error_body("internal error (see the server log)", type="server_error"),
+                                   500)(scope, receive, send)
 
 
 def _too_large(size: str, limit: int) -> dict:
     return P.error_body(f"request body of {size} bytes is over the limit of {limit}", code="request_too_large")
-
-
-async def _send_json(send: Send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
 
 
 api.add_middleware(Gate)
@@ -325,8 +319,7 @@ class Replica:
 
     async def _answer(self, req: Any, prompts: list[list[int]], params, chat: bool):
         n = P.choices_per_prompt(req)
-        seed = params.seed
-        rows = [Row(ids, dataclasses.replace(params, seed=None if seed is None else (seed + j) % SEED_MODULUS))
+        rows = [Row(ids, dataclasses.replace(params, seed=None if params.seed is None else params.seed + j))
                 for ids in prompts for j in range(n)]
         rid, created = P.new_id("chatcmpl" if chat else "cmpl"), P.now()
         prompt_tokens = sum(len(p) for p in prompts)
