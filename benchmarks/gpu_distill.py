@@ -5,7 +5,8 @@ and a short distillation run's losses.
     python benchmarks/gpu_distill.py --smoke --teacher TINY_DIR --out DIR    # CPU, seconds (the test suite runs it)
 
 One run, one JSON report (``DIR/gpu_distill.json``) and a printed summary:
-1. throughput: the student (built from the teacher by ``app.distill.student``, attention init) in bf16,
+1. throughput: the student (built from the teacher by ``app.distill.student``: the hybrid keeping
+   ``--attention`` of the attention layers, 1/4 by default, or ``--arch mamba2``; attention init) in bf16,
    forward + backward of next-token CE on (batch, seq_len) tokens, timed over --steps steps after warm-up,
    twice: with the implementations transformers picked at import (the mamba-ssm kernels when installed) and
    with its torch fallbacks patched in. tokens/s, and MFU = 6 N tokens/s / peak bf16 FLOP/s (N: the
@@ -30,10 +31,18 @@ KERNEL_FUNCS = ("mamba2_split_conv1d_scan_combined", "mamba2_selective_state_upd
 
 
 def torch_path(enable: bool) -> dict:
-    """Swap transformers' Mamba-2 kernel entry points for their torch fallbacks (enable) or back; returns
-    {name: 'kernel' | 'torch'} of what is in place afterwards."""
-    import transformers.models.mamba2.modeling_mamba2 as mm
+    """Swap transformers' Mamba-2 kernel entry points (in its mamba2 and bamba modules) for their torch fallbacks
+    (enable) or back; returns {name: 'kernel' | 'torch'} of what is in place afterwards (bamba's)."""
+    import transformers.models.bamba.modeling_bamba as mb
+    import transformers.models.mamba2.modeling_mamba2 as m2
 
+    state = {}
+    for mm in (m2, mb):
+        state = _swap(mm, enable)
+    return state
+
+
+def _swap(mm, enable: bool) -> dict:
     state = {}
     for name in KERNEL_FUNCS:
         fn = getattr(mm, name, None)
@@ -69,7 +78,7 @@ def throughput(student, vocab: int, batch: int, seq: int, steps: int, device: st
 
     def step():
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            loss = student(input_ids=x[:, :-1], labels=x[:, 1:]).loss
+            loss = student(input_ids=x[:, :-1], labels=x[:, 1:], use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -93,13 +102,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--distill-steps", type=int, default=30)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--arch", default="hybrid", choices=["hybrid", "mamba2"])
+    ap.add_argument("--attention", default="1/4", help="hybrid: the share of attention layers kept")
     ap.add_argument("--out", default="out/gpu_distill")
     ap.add_argument("--smoke", action="store_true", help="CPU, fp32, tiny sizes: checks the script runs")
     args = ap.parse_args()
     import torch
 
     from app.distill.losses import kd_ce_loss
-    from app.distill.student import StudentShape, build_student
+    from app.distill.student import build_student
     from app.models import load_causal_lm
 
     if args.smoke:
@@ -108,7 +119,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     teacher = load_causal_lm(args.teacher, device=device)
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "seq_len": args.seq_len,
-              "batch": args.batch, "dtype": str(dtype)}
+              "batch": args.batch, "dtype": str(dtype), "arch": args.arch, "attention": args.attention}
     try:
         import mamba_ssm  # noqa: F401
 
@@ -118,9 +129,9 @@ def main() -> None:
     rows = {}
     for name, force_torch in (("as_imported", False), ("torch_path", True)):
         impl = torch_path(force_torch)
-        student, _ = build_student(teacher.model, StudentShape(), init="attention")
+        student, _ = build_student(teacher.model, args.arch, attention_layers=args.attention, init="attention")
         student.to(device)
-        n = sum(p.numel() for p in student.parameters()) - student.backbone.embeddings.weight.numel()
+        n = sum(p.numel() for p in student.parameters()) - student.get_input_embeddings().weight.numel()
         tps = throughput(student, teacher.model.config.vocab_size, args.batch, args.seq_len, args.steps, device, dtype)
         rows[name] = {"implementations": impl, "tokens_per_s": tps, "non_embedding_params": n,
                       "mfu": 6 * n * tps / (args.peak_tflops * 1e12)}
@@ -143,7 +154,7 @@ def main() -> None:
             break
     width = args.seq_len + 1
     data = torch.tensor(ids[: (len(ids) // width) * width]).view(-1, width)
-    student, _ = build_student(teacher.model, StudentShape(), init="attention")
+    student, _ = build_student(teacher.model, args.arch, attention_layers=args.attention, init="attention")
     student.to(device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     losses = []
@@ -152,10 +163,10 @@ def main() -> None:
         x, y = rows_[:, :-1], rows_[:, 1:]
         mask = torch.ones_like(x, dtype=torch.bool)
         with torch.no_grad(), torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-            th = teacher.model.model(input_ids=x).last_hidden_state
+            th = teacher.model.model(input_ids=x, use_cache=False).last_hidden_state
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-            h = student.backbone(input_ids=x).last_hidden_state
-        kd, ce = kd_ce_loss(h, student.lm_head.weight, mask, y, teacher_hidden=th, teacher_head=teacher.model.lm_head.weight,
+            h = student.base_model(input_ids=x, use_cache=False).last_hidden_state
+        kd, ce = kd_ce_loss(h, student.get_output_embeddings().weight, mask, y, teacher_hidden=th, teacher_head=teacher.model.lm_head.weight,
                             temperature=2.0)
         (kd + 0.2 * ce).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

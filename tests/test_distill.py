@@ -92,58 +92,154 @@ def _sentences(n, seed=0, length=40):
     return out
 
 
-def test_student_shape_and_attention_init(teacher, tmp_path):
-    from transformers import Mamba2ForCausalLM
-
+def _check_mixer_from_attention(mx, at, d=32):
     from app.distill.init import repeat_heads
-    from app.distill.student import StudentShape, build_student
 
-    t = teacher.model
-    student, mapped = build_student(t, StudentShape(), init="attention")
-    c = student.config
-    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size) == (32, 2, t.config.vocab_size)
-    assert (c.num_heads, c.head_dim, c.state_size, c.n_groups, c.expand) == (4, 8, 8, 4, 1)
-    mx, at = student.backbone.layers[1].mixer, t.model.layers[1].self_attn
-    d = 32
-    rows = mx.in_proj.weight
+    rows = mx.in_proj.weight  # [z | x | B | C | dt]
     assert torch.equal(rows[d:2 * d], repeat_heads(at.v_proj.weight, 2, 4, 8))  # x <- V, GQA heads repeated
     assert torch.equal(rows[2 * d:3 * d], repeat_heads(at.k_proj.weight, 2, 4, 8))  # B <- K
     assert torch.equal(rows[3 * d:4 * d], at.q_proj.weight)  # C <- Q
     assert torch.equal(mx.out_proj.weight, at.o_proj.weight)
-    assert torch.equal(student.backbone.embeddings.weight, t.model.embed_tokens.weight)
+    conv = mx.conv1d.weight  # (C, 1, K): identity, the last tap
+    assert torch.equal(conv[:, 0, -1], torch.ones(conv.shape[0])) and not conv[:, 0, :-1].any() and not mx.conv1d.bias.any()
+    dt = torch.nn.functional.softplus(mx.dt_bias)  # MambaInLlama's dt, A, D
+    assert float(dt.min()) >= 1e-3 * 0.999 and float(dt.max()) <= 0.1 * 1.001 and float(dt.max() / dt.min()) > 2
+    a = mx.A_log.exp()
+    assert float(a.min()) >= 1 and float(a.max()) <= 16 and torch.equal(mx.D, torch.ones_like(mx.D))
+
+
+def test_hybrid_student_inherits_the_teacher_tensor_by_tensor(teacher):
+    from app.distill.student import build_student
+
+    t = teacher.model
+    student, mapped = build_student(t, "hybrid", attention_layers=[1], init="attention")
+    c = student.config
+    assert type(student).__name__ == "BambaForCausalLM" and c.layers_block_type == ["linear_attention", "full_attention"]
+    assert (c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, c.mamba_n_groups, c.mamba_expand) == (4, 8, 8, 4, 1)
+    sm = student.model
+    assert torch.equal(sm.embed_tokens.weight, t.model.embed_tokens.weight)
+    assert torch.equal(sm.final_layernorm.weight, t.model.norm.weight)
+    for sl, tl in zip(sm.layers, t.model.layers):  # both norms and the SwiGLU MLP of every layer
+        assert torch.equal(sl.input_layernorm.weight, tl.input_layernorm.weight)
+        assert torch.equal(sl.pre_ff_layernorm.weight, tl.post_attention_layernorm.weight)
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(getattr(sl.feed_forward, n).weight, getattr(tl.mlp, n).weight)
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):  # the kept attention layer, verbatim
+        assert torch.equal(getattr(sm.layers[1].self_attn, n).weight, getattr(t.model.layers[1].self_attn, n).weight)
+    _check_mixer_from_attention(sm.layers[0].mamba, t.model.layers[0].self_attn)
+    assert "model.layers.0.mamba.in_proj.weight[x,B,C]" in mapped and "model.layers.1.self_attn" in mapped
+    # random mixer init: the teacher's MLPs and norms all the same, the mixer transformers' own
+    rnd, _ = build_student(t, "hybrid", attention_layers=[1], init="random")
+    assert torch.equal(rnd.model.layers[0].feed_forward.up_proj.weight, t.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(rnd.model.layers[0].mamba.dt_bias, torch.ones(4))
+    # the conv at its default init, the projections still copied
+    dflt, _ = build_student(t, "hybrid", attention_layers=[], conv_init="default")
+    assert dflt.model.layers[0].mamba.conv1d.weight[:, 0, :-1].any()
     # repeat_heads: head h of the result is KV head h // 2
+    from app.distill.init import repeat_heads
+
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).view(16, 3)
     r = repeat_heads(w, 2, 4, 8).view(4, 8, 3)
     assert torch.equal(r[0], r[1]) and torch.equal(r[1], w.view(2, 8, 3)[0]) and torch.equal(r[3], w.view(2, 8, 3)[1])
+
+
+def test_mamba2_student_shape_and_attention_init(teacher, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from app.distill.student import StudentShape, build_student
+
+    t = teacher.model
+    student, mapped = build_student(t, "mamba2", shape=StudentShape(), init="attention")
+    c = student.config
+    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size) == (32, 2, t.config.vocab_size)
+    assert (c.num_heads, c.head_dim, c.state_size, c.n_groups, c.expand) == (4, 8, 8, 4, 1)
+    _check_mixer_from_attention(student.backbone.layers[1].mixer, t.model.layers[1].self_attn)
+    assert torch.equal(student.backbone.embeddings.weight, t.model.embed_tokens.weight)
     with pytest.raises(ValueError, match="num_heads \\* head_dim"):
-        build_student(t, StudentShape(num_heads=3))
-    random_student, none = build_student(t, StudentShape(), init="random")
+        build_student(t, "mamba2", shape=StudentShape(num_heads=3))
+    random_student, none = build_student(t, "mamba2", shape=StudentShape(), init="random")
     assert none == [] and not torch.equal(random_student.backbone.embeddings.weight, t.model.embed_tokens.weight)
     student.save_pretrained(tmp_path / "s")
-    back = Mamba2ForCausalLM.from_pretrained(tmp_path / "s")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     x = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         assert torch.allclose(back(x).logits, student(x).logits, atol=1e-5)
 
 
-def test_attention_init_starts_with_lower_kd_than_random(teacher):
-    from app.distill.student import StudentShape, build_student
+def test_attention_layer_indices_are_spaced_as_mambainllama_places_them():
+    from app.config import ConfigError, load_config
+    from app.distill.config import DistillConfig
+    from app.distill.student import attention_layer_indices as idx
 
-    tok = teacher.tokenizer
-    x = torch.tensor([tok(s, add_special_tokens=False)["input_ids"][:32] for s in _sentences(8, seed=3)])
-    mask = torch.ones_like(x, dtype=torch.bool)
-    labels = torch.cat([x[:, 1:], torch.full((x.shape[0], 1), IGNORE)], 1)
+    assert idx("1/4", 30) == [3, 7, 11, 15, 19, 23, 27] and idx(0.5, 6) == [1, 3, 5] and idx("1/8", 16) == [7, 15]
+    assert idx(0, 30) == [] and idx(1, 4) == [0, 1, 2, 3] and idx([5, 2, 2], 8) == [2, 5]
+    assert idx(0.3, 10) == [2, 5, 9]  # round(0.3 * 10) = 3 layers, evenly spread
+    with pytest.raises(ValueError, match="outside"):
+        idx([9], 4)
+    for bad in ("2/1", "x", [-1], True):
+        with pytest.raises(ConfigError, match="student.attention_layers"):
+            load_config(DistillConfig, None, [f"student.attention_layers={json.dumps(bad)}"])
+    with pytest.raises(ConfigError, match="mamba2 student only"):
+        load_config(DistillConfig, None, ["student.hidden_size=64"])
+
+
+@pytest.mark.parametrize("theta", [10000.0, 123456.0])
+def test_hybrid_with_every_attention_layer_is_the_teacher(teacher, tmp_path, theta):
+    """The exact-copy invariant: every attention layer kept -> the teacher's logits (fp32), also after a save and
+    AutoModelForCausalLM.from_pretrained; the teacher's RoPE, not BambaConfig's half-rotary default."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from app.distill.student import build_student
+
+    t = teacher.model
+    if theta != 10000.0:  # a teacher with another RoPE base: the student must carry it
+        cfg = t.config.to_dict()
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        t = LlamaForCausalLM(type(t.config).from_dict(cfg))
+        t.load_state_dict(teacher.model.state_dict())
+    t.eval()
+    student, _ = build_student(t, "hybrid", attention_layers=1.0)
+    assert student.config.rope_parameters["rope_theta"] == theta
+    assert student.config.rope_parameters["partial_rotary_factor"] == 1.0
+    x = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]])
+    student.save_pretrained(tmp_path / "s")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
     with torch.no_grad():
-        th = teacher.model.model(input_ids=x).last_hidden_state
-        kd = {}
-        for init in ("attention", "random"):
-            kd[init] = []
-            for seed in range(3):
-                s, _ = build_student(teacher.model, StudentShape(), init=init, seed=seed)
-                h = s.backbone(input_ids=x).last_hidden_state
-                kd[init].append(float(kd_ce_loss(h, s.lm_head.weight, mask, labels, teacher_hidden=th,
-                                                 teacher_head=teacher.model.lm_head.weight, temperature=2.0)[0]))
-    assert max(kd["attention"]) < min(kd["random"]), kd
+        want = t(x).logits
+        assert torch.allclose(student.eval()(x).logits, want, atol=1e-5, rtol=0)
+        assert torch.allclose(back(x).logits, want, atol=1e-5, rtol=0)
+        back.model.rotary_emb.inv_freq = back.model.rotary_emb.inv_freq[: 2]  # half-rotary heads: not the teacher
+        back.config.rope_parameters["partial_rotary_factor"] = 0.5
+        from transformers.models.bamba.modeling_bamba import BambaRotaryEmbedding
+
+        back.model.rotary_emb = BambaRotaryEmbedding(back.config)
+        assert not torch.allclose(back(x).logits, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", [0.0, 0.5])
+def test_hybrid_student_generates_with_a_cache_as_without(teacher, tmp_path, attention):
+    """Greedy generation with the cache equals recomputing the whole sequence at every step, for a hybrid with
+    no attention layer (transformers' default cache cannot hold one: generation_cache) and one with half."""
+    from transformers import AutoModelForCausalLM
+
+    from app.distill.student import build_student, generation_cache
+
+    student, _ = build_student(teacher.model, "hybrid", attention_layers=attention)
+    student.save_pretrained(tmp_path / "s")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    x = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 20, 21, 22, 23, 24, 25, 26, 27]])
+    cache = generation_cache(m)
+    got = m.generate(x, max_new_tokens=8, do_sample=False, cache=cache, eos_token_id=None, pad_token_id=0)
+    ids = x
+    with torch.no_grad():
+        m(x)  # a plain forward works too (a 0-attention student is saved with use_cache false)
+        for _ in range(8):
+            ids = torch.cat([ids, m(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(got, ids)
+    if attention == 0:  # one token fed per step, the last one not fed back
+        assert cache.get_seq_length() == x.shape[1] + 7
+    else:
+        assert cache is None  # transformers' own cache
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +256,7 @@ def corpus(tmp_path_factory):
     return str(root), str(tmp_path_factory.mktemp("cache"))
 
 
-def _cfg(teacher_dir, corpus, out, **train):
+def _cfg(teacher_dir, corpus, out, attention="1/2", **train):
     from app.config import load_config
     from app.distill.config import DistillConfig
 
@@ -168,7 +264,8 @@ def _cfg(teacher_dir, corpus, out, **train):
     sets = [f"teacher={teacher_dir}", f"output={out}", f"data.input={data}", f"data.cache_dir={cache}",
             "data.seq_len=32", "data.eval_fraction=0.1", "stages.align_tokens=512", "stages.kd_tokens=1536",
             "stages.ce_tokens=512", "stages.kd_ce_weight=0.2", "train.batch_size=4", "train.num_workers=2",
-            "train.lr=3e-3", "train.warmup_steps=2", "train.checkpoint_every=4", "train.eval_batches=2"]
+            "train.lr=3e-3", "stages.align_lr=1e-2", "train.warmup_steps=2", "train.checkpoint_every=4",
+            "train.eval_batches=2", f"student.attention_layers={attention}"]
     sets += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(DistillConfig, None, sets)
 
@@ -180,6 +277,7 @@ def _metrics(out):
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, teacher, corpus, tmp_path_factory):
+    """The hybrid student keeping half the attention layers (layer 1 of 2), align + kd + ce."""
     from app.distill.train import distill
 
     out = str(tmp_path_factory.mktemp("run"))
@@ -187,10 +285,23 @@ def uninterrupted(ray_local, teacher, corpus, tmp_path_factory):
     return out, result
 
 
-def test_distill_on_ray_train_losses_fall_and_student_exports(uninterrupted, teacher):
-    from transformers import AutoTokenizer, Mamba2ForCausalLM
+@pytest.fixture(scope="module")
+def no_attention(ray_local, teacher, corpus, tmp_path_factory):
+    """The hybrid student with no attention layer left, align + kd + ce."""
+    from app.distill.train import distill
 
-    out, result = uninterrupted
+    out = str(tmp_path_factory.mktemp("run0"))
+    result = distill(_cfg(teacher.reference, corpus, out, attention=0))
+    return out, result
+
+
+@pytest.mark.parametrize("run", ["uninterrupted", "no_attention"])
+def test_distill_on_ray_train_losses_fall_and_student_exports(run, request, teacher):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.distill.student import generation_cache
+
+    out, result = request.getfixturevalue(run)
     assert not [r for r in _metrics(out) if r.get("event") == "resumed"]  # no restart in an undisturbed run
     m = [r for r in _metrics(out) if "loss" in r]
     assert [r["step"] for r in m] == list(range(1, len(m) + 1)) and len(m) == 2 + 6 + 2  # 256 tokens per step
@@ -202,11 +313,18 @@ def test_distill_on_ray_train_losses_fall_and_student_exports(uninterrupted, tea
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in m)
     assert result["eval_student_ppl"] > 0 and result["eval_teacher_ppl"] > 0 and result["eval_tokens"] > 0
     assert os.listdir(os.path.join(out, "tensorboard"))
-    student = Mamba2ForCausalLM.from_pretrained(result["student"])
+    student = AutoModelForCausalLM.from_pretrained(result["student"]).eval()
+    assert type(student).__name__ == "BambaForCausalLM"
+    assert student.config.attn_layer_indices == ([1] if run == "uninterrupted" else [])
     tok = AutoTokenizer.from_pretrained(result["student"])
-    x = tok("the quick brown", return_tensors="pt", add_special_tokens=False)
-    gen = student.generate(**x, max_new_tokens=5, do_sample=False)
-    assert gen.shape[1] == x["input_ids"].shape[1] + 5
+    x = tok("the quick brown", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    gen = student.generate(x, max_new_tokens=5, do_sample=False, cache=generation_cache(student), eos_token_id=None,
+                           pad_token_id=0)
+    ids = x
+    with torch.no_grad():  # with a cache, as recomputing every step
+        for _ in range(5):
+            ids = torch.cat([ids, student(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, ids)
     with open(os.path.join(out, "config.yaml")) as f:
         assert "stages" in f.read()
 
@@ -252,11 +370,11 @@ def test_teacher_topk_cache_matches_the_teacher_and_trains(ray_local, teacher, c
     assert ids.shape == (3, 32, 4)
     assert torch.allclose(torch.from_numpy(logits), want_v, atol=1e-4)
     assert torch.allclose(z.gather(-1, torch.from_numpy(ids)), want_v, atol=1e-4)  # ids point at those logits
-    cfg2 = _cfg(teacher.reference, corpus, str(tmp_path / "run"), batch_size=4)
+    cfg2 = _cfg(teacher.reference, corpus, str(tmp_path / "run2"), batch_size=4)
     cfg2.cache.teacher_topk = 4
     cfg2.stages.align_tokens, cfg2.stages.kd_tokens, cfg2.stages.ce_tokens = 0, 1024, 0
     res = distill(cfg2)
-    kd = [r["kd"] for r in _metrics(str(tmp_path / "run")) if "kd" in r]
+    kd = [r["kd"] for r in _metrics(str(tmp_path / "run2")) if "kd" in r]
     assert len(kd) == 4 and kd[-1] < kd[0] and res["eval_student_ppl"] > 0
 
 
@@ -325,3 +443,104 @@ def test_batches_cover_each_epoch_once_across_workers():
         batch_rows(0, 0, 1, 8, 5, 0)
     held = sum(eval_split(f"doc-{i}", 0.1) for i in range(5000))
     assert 400 < held < 600 and eval_split("doc-1", 0.1) == eval_split("doc-1", 0.1)
+
+
+def test_uncertainty_weights_match_reference_values_and_gradients():
+    from app.distill.losses import uncertainty_weighted, uncertainty_weighted_ref
+
+    terms = torch.tensor([0.5, 2.0, 7.0], requires_grad=True)
+    s = torch.tensor([0.0, -0.3, 1.2], requires_grad=True)
+    fast, gf = _grads(lambda: [uncertainty_weighted(terms, s)], terms, s)
+    ref, gr = _grads(lambda: [uncertainty_weighted_ref(terms, s)], terms, s)
+    assert torch.allclose(fast[0], ref[0]) and all(torch.allclose(a, b) for a, b in zip(gf, gr))
+    # at its optimum s_i = log L_i: a term's weight is 1 / L_i
+    opt = torch.log(terms.detach())
+    opt.requires_grad_(True)
+    uncertainty_weighted(terms.detach(), opt).backward()
+    assert torch.allclose(opt.grad, torch.zeros(3), atol=1e-6)
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_align_stage_loss_and_gradients_match_a_plain_reference(teacher, auto):
+    """Stage align through the trainer's module: each mixer on the teacher's normed layer input against the teacher's
+    attention output; the loss and every gradient equal a plain loop's, and only mixer parameters (and the auto
+    weights) get gradients."""
+    from app.distill.losses import uncertainty_weighted_ref
+    from app.distill.student import build_student, ssm_mixers
+    from app.distill.train import TeacherTaps, _module
+
+    t = teacher.model.eval()
+    student, _ = build_student(t, "hybrid", attention_layers=0, seed=3)
+    mod = _module()(student, 16, auto)
+    if auto:
+        with torch.no_grad():
+            mod.log_vars["align"].copy_(torch.tensor([0.4, -0.2]))
+    x = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
+    mask = torch.ones_like(x, dtype=torch.bool)
+    taps = TeacherTaps(t, mod.mixer_layers)
+    with torch.no_grad():
+        t.model(input_ids=x, use_cache=False)
+    ins, outs = taps.take()
+    taps.remove()
+    assert sorted(ins) == [0, 1] and ins[0].shape == (2, 8, 32)
+    with torch.no_grad():  # the tap holds the normed input: the teacher's input_layernorm of the layer's input
+        h0 = t.model.embed_tokens(x)
+        assert torch.allclose(ins[0], t.model.layers[0].input_layernorm(h0), atol=1e-6)
+    out = mod(x, None, mask, "align", {"align_weight": 1.5}, {"attn_inputs": ins, "attn_outputs": outs})
+    out["loss"].backward()
+    got = {n: p.grad.clone() for n, p in mod.named_parameters() if p.grad is not None}
+    assert got and all(".mamba." in n or "log_vars" in n for n in got), sorted(got)
+    mod.zero_grad(set_to_none=True)
+    mixers = ssm_mixers(student)
+    parts = [align_loss_ref(mixers[i](ins[i]), outs[i], mask) for i in (0, 1)]
+    ref = uncertainty_weighted_ref(parts, mod.log_vars["align"]) if auto else 1.5 * sum(parts) / 2
+    ref.backward()
+    assert torch.allclose(out["loss"], ref, atol=1e-6) and torch.allclose(out["align"], sum(parts) / 2, atol=1e-6)
+    for n, p in mod.named_parameters():
+        if n in got:
+            assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_a_rerun_with_other_settings_is_refused_before_anything_changes(ray_local, teacher, corpus, tmp_path):
+    """A run's output directory resumes its checkpoints only under the settings that made them: other workers,
+    batch size or stage budgets are refused with what differs, and config.yaml / run.json stay as they were."""
+    from app.distill.train import _check_rerun, prepare, run_key_diff
+
+    out = str(tmp_path / "run")
+    prep = prepare(_cfg(teacher.reference, corpus, out))
+    os.makedirs(os.path.join(out, "ray", "train"))  # as after a run's first checkpoint
+    before = {f: open(os.path.join(out, f)).read() for f in ("config.yaml", "run.json")}
+    for sets, named in ((["train.batch_size=2"], "train.batch_size: 4 -> 2"),
+                        (["stages.kd_tokens=4096"], "steps of stage kd: 6 -> 16"),
+                        (["train.num_workers=1"], "train.num_workers: 2 -> 1")):
+        cfg = _cfg(teacher.reference, corpus, out)
+        for s in sets:
+            k, v = s.split("=")
+            sec, key = k.split(".")
+            setattr(getattr(cfg, sec), key, type(getattr(getattr(cfg, sec), key))(v))
+        with pytest.raises(ValueError, match="other settings") as e:
+            prepare(cfg)
+        assert named in str(e.value), str(e.value)
+    assert before == {f: open(os.path.join(out, f)).read() for f in ("config.yaml", "run.json")}
+    _check_rerun(out, prep.key)  # the same settings resume
+    assert run_key_diff(None, prep.key) == ""
+
+
+def test_memory_estimate_refuses_what_does_not_fit_and_names_what_to_lower(teacher):
+    from app.config import load_config
+    from app.distill.config import DistillConfig
+    from app.distill.memory import GiB, check_fits, estimate
+    from app.models import load_model_config
+
+    smol = load_model_config("smollm2")
+    cfg = load_config(DistillConfig, None, [])
+    est = estimate(cfg, smol)
+    assert 1 * GiB < est.total < 12 * GiB and est.student > est.teacher * 3  # 16 bytes a parameter, vs 4
+    big = load_config(DistillConfig, None, ["train.batch_size=64", "data.seq_len=2048"])
+    assert estimate(big, smol).activations > 30 * est.activations
+    with pytest.raises(ValueError, match="Lower train.batch_size \\(now 64\\) or data.seq_len \\(now 2048\\)"):
+        check_fits(big, smol)
+    kernels = estimate(cfg, smol, kernels=True)
+    assert kernels.activations < est.activations  # the kernels keep no chunk x chunk tensors
+    tiny = load_config(DistillConfig, None, ["train.batch_size=4", "data.seq_len=32"])
+    assert check_fits(tiny, teacher.model.config).total < 1 * GiB

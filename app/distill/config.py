@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from app.config import _check, _frac
 
@@ -32,37 +32,69 @@ class DataConfig:
         _check(self.eval_fraction < 1, "data.eval_fraction", "must be < 1")
 
 
+def _attention_spec(value: Any) -> Optional[str]:
+    """Why ``value`` is not a student.attention_layers spec (None: it is one)."""
+    from fractions import Fraction
+
+    if isinstance(value, list):
+        ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+        return None if ok else "a list must hold layer indices >= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return "must be a fraction (0, 1/8, 1/4, 1/2, 1, ...) or a list of layer indices"
+    try:
+        f = Fraction(value) if isinstance(value, str) else Fraction(value)
+    except (ValueError, ZeroDivisionError):
+        return f"cannot read {value!r} as a fraction"
+    return None if 0 <= f <= 1 else "a fraction must lie in [0, 1]"
+
+
 @dataclass
 class StudentConfig:
+    arch: Literal["hybrid", "mamba2"] = "hybrid"
+    """hybrid: transformers' BambaForCausalLM that inherits the teacher (its norms, MLPs, embeddings and head
+    copied; attention mixers replaced by Mamba-2 ones except in ``attention_layers``); mamba2: a pure
+    Mamba2ForCausalLM (norm + mixer blocks, no MLP; the scaling sweep's small random students)."""
+    attention_layers: Any = "1/4"
+    """hybrid: the teacher layers whose attention stays, as a fraction (0, 1/8, 1/4, 1/2, 1: evenly spaced as
+    MambaInLlama places them, 1/4 of 30 layers keeps 3, 7, ..., 27) or a list of layer indices."""
     init: Literal["attention", "random"] = "attention"
-    """attention: copy the teacher's embeddings, norms, head and (where the shapes allow) Q/K/V/O into the
-    student (app/distill/init.py); random: Mamba-2's own initialisation."""
+    """Mixer initialisation. attention: Mamba-2 mixers from the teacher's Q/K/V/O with MambaInLlama's dt/A/D
+    (app/distill/init.py); random: transformers' own mixer init. (hybrid: norms, MLPs, embeddings and head are
+    copied either way; mamba2 attention also copies embeddings, norms and head.)"""
+    conv_init: Literal["identity", "default"] = "identity"
+    """The mixers' causal conv under init attention: identity (passes the projections on) or the layer's default."""
     hidden_size: Optional[int] = None
-    """Student width (null: the teacher's; another width needs init random)."""
+    """mamba2: student width (null: the teacher's; another width needs init random)."""
     num_layers: Optional[int] = None
-    """Student depth (null: the teacher's; another depth needs init random)."""
+    """mamba2: student depth (null: the teacher's; another depth needs init random)."""
     num_heads: Optional[int] = None
-    """SSM heads (null: the teacher's attention heads)."""
+    """mamba2: SSM heads (null: the teacher's attention heads; hybrid: always the teacher's)."""
     head_dim: Optional[int] = None
-    """SSM head size (null: expand * hidden / num_heads)."""
+    """mamba2: SSM head size (null: expand * hidden / num_heads; hybrid: the teacher's head_dim)."""
     state_size: Optional[int] = None
-    """SSM state size N (null: the teacher's head_dim)."""
+    """mamba2: SSM state size N (null: the teacher's head_dim; hybrid: the teacher's head_dim)."""
     n_groups: Optional[int] = None
-    """B/C groups (null: one per head)."""
+    """mamba2: B/C groups (null: one per head; hybrid: one per head)."""
     expand: int = 1
-    """d_inner = expand * hidden."""
+    """mamba2: d_inner = expand * hidden (hybrid: heads * head_dim / hidden of the teacher)."""
     conv_kernel: int = 4
     """Causal depthwise convolution width."""
     chunk_size: int = 64
     """Mamba-2 chunked-scan block length."""
 
     def __post_init__(self) -> None:
+        why = _attention_spec(self.attention_layers)
+        _check(why is None, "student.attention_layers", why or "")
+        _check(self.arch == "mamba2" or not any(getattr(self, k) for k in (
+            "hidden_size", "num_layers", "num_heads", "head_dim", "state_size", "n_groups")),
+            "student", "hidden_size/num_layers/num_heads/head_dim/state_size/n_groups shape the mamba2 student only "
+            "(the hybrid one has the teacher's shape)")
         _check(self.expand >= 1, "student.expand", "must be >= 1")
         for k in ("hidden_size", "num_layers", "num_heads", "head_dim", "state_size", "n_groups"):
             _check(getattr(self, k) is None or getattr(self, k) >= 1, f"student.{k}", "must be >= 1 or null")
 
     def shape(self):
-        """The builder's StudentShape (app/distill/student.py): these fields without ``init``."""
+        """The builder's StudentShape (app/distill/student.py)."""
         from app.distill.student import StudentShape
 
         return StudentShape(**{k: getattr(self, k) for k in StudentShape.__dataclass_fields__})
@@ -72,20 +104,29 @@ class StudentConfig:
 class StagesConfig:
     """Token budgets (per run, all workers together) and loss weights of the three stages, run in order."""
 
-    align_tokens: int = 0
-    """Stage align: per-layer hidden-state alignment of each mixer to the teacher's attention output."""
-    kd_tokens: int = 200_000
-    """Stage kd: KL(teacher || student) on logits at temperature T (+ kd_ce_weight * CE)."""
+    align_tokens: int = 40_000
+    """Stage align: teacher-forced, per layer: each Mamba-2 mixer gets the teacher's normed input to that layer
+    and matches the teacher's attention output there; only mixer parameters train."""
+    kd_tokens: int = 80_000
+    """Stage kd: end-to-end KL(teacher || student) on logits at temperature T (+ kd_ce_weight * CE), all
+    parameters."""
     ce_tokens: int = 0
     """Stage ce: next-token cross-entropy only."""
+    weighting: Literal["fixed", "auto"] = "fixed"
+    """How a stage's loss terms are combined. fixed: the weights below; auto: learned uncertainty weights
+    (Kendall et al. 2018), sum_i exp(-s_i) L_i + s_i over the stage's terms (align: one per mixer; kd: KD and
+    CE), s_i trained with the student. The fixed weights are then unused."""
     align_weight: float = 1.0
-    """Weight of the alignment loss in stage align."""
+    """Weight of the alignment loss in stage align (fixed weighting)."""
     kd_weight: float = 1.0
-    """Weight of the KD loss in stage kd."""
+    """Weight of the KD loss in stage kd (fixed weighting)."""
     kd_ce_weight: float = 0.0
-    """alpha: weight of CE in stage kd."""
+    """alpha: weight of CE in stage kd (fixed weighting)."""
     temperature: float = 2.0
     """KD temperature T (the KD loss is multiplied by T^2)."""
+    align_lr: Optional[float] = 3e-3
+    """Peak learning rate of stage align (its own warmup and cosine over its steps; null: train.lr). Stages kd
+    and ce follow train.lr over the remaining steps."""
 
     def __post_init__(self) -> None:
         for k in ("align_tokens", "kd_tokens", "ce_tokens"):
@@ -94,6 +135,7 @@ class StagesConfig:
         _check(self.temperature > 0, "stages.temperature", "must be > 0")
         for k in ("align_weight", "kd_weight", "kd_ce_weight"):
             _check(getattr(self, k) >= 0, f"stages.{k}", "must be >= 0")
+        _check(self.align_lr is None or self.align_lr > 0, "stages.align_lr", "must be > 0 or null")
 
 
 @dataclass
@@ -105,12 +147,13 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP, or FSDP on GPUs (shards the student's parameters and optimizer state; stage
     align needs DDP, since it calls each layer on its own)."""
-    batch_size: int = 8
-    """Sequences per worker per step."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+    batch_size: int = 4
+    """Sequences per worker per step (the job estimates each worker's memory first and refuses a batch that
+    does not fit; see app/distill/memory.py)."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate of stages kd and ce (linear warmup, cosine decay to 10%)."""
     warmup_steps: int = 10
-    """Linear warmup steps."""
+    """Linear warmup steps (of each learning-rate segment: stage align, then stages kd + ce)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -129,6 +172,9 @@ class TrainConfig:
     """Held-out batches (of train.batch_size rows) per evaluation, all workers together."""
     seed: int = 0
     """Student initialisation and data order."""
+    memory_check: bool = True
+    """Before starting, estimate each worker's memory (teacher, student, optimizer state, activations of the
+    chosen path) and refuse a run that does not fit its node, naming what to lower (app/distill/memory.py)."""
     eval_teacher: bool = True
     """Also report the teacher's held-out perplexity (off: runs that need no teacher, e.g. stage ce only
     or kd from the top-k cache, never load it)."""

@@ -1,37 +1,60 @@
-"""Attention -> SSM initialisation of the Mamba-2 student from a Llama-style teacher (after MambaInLlama,
+"""Attention -> Mamba-2 initialisation of a student's mixers from a Llama-style teacher (after MambaInLlama,
 Wang et al. 2024, "The Mamba in the Llama: Distilling and Accelerating Hybrid Models").
 
-Glossary (Mamba-2, Dao & Gu 2024, "Transformers are SSMs", and transformers' ``Mamba2Mixer``):
+This module knows mixers and attention layers only; ``student.py`` builds the student and calls it (one way:
+nothing here imports ``student.py``).
+
+Glossary (Mamba-2, Dao & Gu 2024, "Transformers are SSMs"; transformers' ``BambaMixer`` / ``Mamba2Mixer``):
     d            hidden size (teacher and student)
     H, P         SSM heads and head size (``num_heads``, ``head_dim``); d_inner = expand * d = H * P
     G, N         B/C groups and state size (``n_groups``, ``state_size``); head h reads group h // (H / G)
     x            the SSM input, (T, H, P)                       ~ attention's values V
     B            input -> state projection, (T, G, N)           ~ keys K
     C            state -> output projection, (T, G, N)          ~ queries Q
-    z            the gate: y = RMSNorm(y) * silu(z)             (no attention counterpart)
-    dt, A, D     step size, decay (A = -exp(A_log)), skip       (no counterpart: left at Mamba-2's init)
+    z            the gate. transformers' gated norm is y_out = RMSNorm(y * silu(z)) (gate first, then the
+                 norm, per group of d_inner / G channels; ``norm_before_gate=False``); no attention counterpart
+    dt           step size: dt_t = softplus(W_dt u_t + dt_bias), per head
+    A            decay, A = -exp(A_log), per head: the state keeps exp(dt_t A) of itself per token
+    D            skip: y_t += D x_t, per head
     in_proj      d -> [z (d_inner) | x (d_inner) | B (G N) | C (G N) | dt (H)], rows in that order
-    conv1d       depthwise causal conv over [x | B | C], kernel K
+    conv1d       depthwise causal conv over [x | B | C], kernel K, then silu
     out_proj     d_inner -> d                                   ~ attention's output projection O
 
-A linear-attention reading of the SSM (state h_t = a_t h_{t-1} + B_t x_t^T, y_t = C_t h_t) makes C, B, x
-play Q, K, V. With expand 1, H = the teacher's heads, P = N = the teacher's head_dim and G = H:
+A linear-attention reading of the SSM (state h_t = a_t h_{t-1} + B_t x_t^T, y_t = C_t h_t) makes C, B, x play
+Q, K, V. With expand 1, H = the teacher's heads, P = N = the teacher's head_dim and G = H:
     x rows   <- W_v, each KV head repeated H / kv_heads times (GQA)
     B rows   <- W_k, repeated the same way
     C rows   <- W_q
     out_proj <- W_o
-    conv1d   <- identity on x, B, C (1 at the last tap, bias 0): at init the conv passes the projections on
-    block norm <- the layer's input_layernorm; norm_f <- the final norm; embeddings and an untied lm_head
-                 copied
-Where the shapes do not allow the projection copy, only embeddings, norms and the head are copied, and the
-log says why. Biases of q/k/v (Qwen2) have no place in a bias-free in_proj and are not copied.
+    conv1d   ``identity``: 1 at the last tap, bias 0 (the conv passes the projections on), or ``default``:
+             the layer's own initialisation
+    dt_bias  inverse softplus of dt ~ exp(U(log 1e-3, log 0.1)) (MambaInLlama / mamba-ssm), so that
+             softplus(dt_bias) spans 1e-3 .. 0.1: long memories for some heads, short for others.
+             transformers' default (dt_bias = 1, softplus 1.31) forgets almost everything within a few tokens
+    A_log    log U(1, 16)
+    D        1
+    z rows, dt rows, the gated norm's weight: the layer's own initialisation.
+Biases of q/k/v (Qwen2) have no place in a bias-free in_proj and are not copied.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 log = logging.getLogger(__name__)
+
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
+A_LOW, A_HIGH = 1.0, 16.0
+CONV_INITS = ("identity", "default")
+
+
+def teacher_dims(cfg) -> dict:
+    """hidden, layers, heads, kv_heads, head_dim, vocab of a Llama-style teacher config."""
+    heads = cfg.num_attention_heads
+    return {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, "vocab": cfg.vocab_size}
 
 
 def repeat_heads(w, kv_heads: int, heads: int, head_dim: int):
@@ -40,49 +63,71 @@ def repeat_heads(w, kv_heads: int, heads: int, head_dim: int):
     return w.view(kv_heads, head_dim, d).repeat_interleave(heads // kv_heads, dim=0).reshape(heads * head_dim, d)
 
 
-def attention_init(student, teacher) -> list[str]:
-    """Copy teacher weights into ``student`` (in place) as described above; returns the student tensors set."""
+def mixer_dims(mixer) -> dict:
+    """H, P, G, N, d_inner of a transformers Mamba-2 mixer (``BambaMixer`` or ``Mamba2Mixer``)."""
+    return {"heads": mixer.num_heads, "head_dim": mixer.head_dim, "groups": mixer.n_groups,
+            "state": mixer.ssm_state_size, "d_inner": mixer.intermediate_size}
+
+
+def copy_mismatch(mixer, dims: dict) -> list[str]:
+    """Why the Q/K/V/O copy cannot fill this mixer (empty: it can)."""
+    m = mixer_dims(mixer)
+    return [msg for ok, msg in (
+        (m["heads"] == dims["heads"], f"SSM heads {m['heads']} != teacher heads {dims['heads']}"),
+        (m["head_dim"] == dims["head_dim"], f"SSM head_dim {m['head_dim']} != teacher head_dim {dims['head_dim']}"),
+        (m["state"] == dims["head_dim"], f"state_size {m['state']} != teacher head_dim {dims['head_dim']}"),
+        (m["groups"] == m["heads"], f"n_groups {m['groups']} != heads {m['heads']}"),
+        (m["d_inner"] == dims["heads"] * dims["head_dim"], "d_inner != teacher heads * head_dim"),
+    ) if not ok]
+
+
+def ssm_dynamics_init(mixer, generator=None) -> None:
+    """dt_bias, A_log and D as MambaInLlama initialises them (see the module doc), in place."""
     import torch
 
-    from app.distill.student import teacher_dims
-
-    t = teacher_dims(teacher.config)
-    sc = student.config
-    tm, sm = teacher.model, student.backbone
-    done: list[str] = []
+    h = mixer.num_heads
     with torch.no_grad():
-        sm.embeddings.weight.copy_(tm.embed_tokens.weight)
-        sm.norm_f.weight.copy_(tm.norm.weight)
-        done += ["backbone.embeddings.weight", "backbone.norm_f.weight"]
-        if not sc.tie_word_embeddings:
-            student.lm_head.weight.copy_(teacher.lm_head.weight)
-            done.append("lm_head.weight")
-        d_inner = sc.expand * sc.hidden_size
-        why = [msg for ok, msg in (
-            (sc.num_heads == t["heads"], f"student heads {sc.num_heads} != teacher heads {t['heads']}"),
-            (sc.head_dim == t["head_dim"], f"student head_dim {sc.head_dim} != teacher head_dim {t['head_dim']}"),
-            (sc.state_size == t["head_dim"], f"state_size {sc.state_size} != teacher head_dim {t['head_dim']}"),
-            (sc.n_groups == sc.num_heads, f"n_groups {sc.n_groups} != heads {sc.num_heads}"),
-            (d_inner == t["heads"] * t["head_dim"], f"d_inner {d_inner} != teacher heads * head_dim"),
-        ) if not ok]
-        if why:
-            log.warning("attention init: projections not copied (%s); embeddings, norms and head only", "; ".join(why))
-        gn = sc.n_groups * sc.state_size
-        for i, (tl, sl) in enumerate(zip(tm.layers, sm.layers)):
-            sl.norm.weight.copy_(tl.input_layernorm.weight)
-            done.append(f"backbone.layers.{i}.norm.weight")
-            if why:
-                continue
-            at, mx = tl.self_attn, sl.mixer
-            rows = mx.in_proj.weight  # (d_inner + d_inner + 2 G N + H, d)
-            x0, b0, c0 = d_inner, 2 * d_inner, 2 * d_inner + gn
-            rows[x0:b0].copy_(repeat_heads(at.v_proj.weight, t["kv_heads"], t["heads"], t["head_dim"]))
-            rows[b0:c0].copy_(repeat_heads(at.k_proj.weight, t["kv_heads"], t["heads"], t["head_dim"]))
-            rows[c0:c0 + gn].copy_(at.q_proj.weight)
-            mx.out_proj.weight.copy_(at.o_proj.weight)
-            mx.conv1d.weight.zero_()
-            mx.conv1d.weight[:, 0, -1] = 1.0  # identity: the last tap multiplies the current position
-            if mx.conv1d.bias is not None:
-                mx.conv1d.bias.zero_()
-            done += [f"backbone.layers.{i}.mixer.{n}" for n in ("in_proj.weight[x,B,C]", "out_proj.weight", "conv1d")]
-    return done
+        u = torch.rand(h, generator=generator)
+        dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp_min(DT_FLOOR)  # (H,)
+        mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        mixer.A_log.copy_(torch.log(torch.empty(h).uniform_(A_LOW, A_HIGH, generator=generator)))
+        mixer.D.fill_(1.0)
+
+
+def conv_identity(mixer) -> None:
+    import torch
+
+    with torch.no_grad():
+        mixer.conv1d.weight.zero_()
+        mixer.conv1d.weight[:, 0, -1] = 1.0  # (C, 1, K): the last tap multiplies the current position
+        if mixer.conv1d.bias is not None:
+            mixer.conv1d.bias.zero_()
+
+
+def mixer_from_attention(mixer, attn, dims: dict, conv: str = "identity", generator=None) -> list[str]:
+    """Fill ``mixer`` (in place) from the teacher's attention module ``attn`` (q/k/v/o_proj) as in the module doc;
+    ``dims``: ``teacher_dims`` of the teacher. Returns the names of what was set (relative to the mixer)."""
+    import torch
+
+    if conv not in CONV_INITS:
+        raise ValueError(f"conv init must be one of {CONV_INITS}, got {conv!r}")
+    why = copy_mismatch(mixer, dims)
+    if why:
+        raise ValueError("the attention init cannot fill this mixer: " + "; ".join(why))
+    m = mixer_dims(mixer)
+    d_inner, gn = m["d_inner"], m["groups"] * m["state"]
+    x0, b0, c0 = d_inner, 2 * d_inner, 2 * d_inner + gn
+    with torch.no_grad():
+        rows = mixer.in_proj.weight  # (d_inner + d_inner + 2 G N + H, d)
+        rows[x0:b0].copy_(repeat_heads(attn.v_proj.weight, dims["kv_heads"], dims["heads"], dims["head_dim"]))
+        rows[b0:c0].copy_(repeat_heads(attn.k_proj.weight, dims["kv_heads"], dims["heads"], dims["head_dim"]))
+        rows[c0:c0 + gn].copy_(attn.q_proj.weight)
+        mixer.out_proj.weight.copy_(attn.o_proj.weight)
+        if mixer.out_proj.bias is not None:
+            mixer.out_proj.bias.copy_(attn.o_proj.bias if getattr(attn.o_proj, "bias", None) is not None else 0.0)
+    done = ["in_proj.weight[x,B,C]", "out_proj.weight"]
+    if conv == "identity":
+        conv_identity(mixer)
+        done.append("conv1d")
+    ssm_dynamics_init(mixer, generator)
+    return done + ["dt_bias", "A_log", "D"]

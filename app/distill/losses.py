@@ -8,6 +8,10 @@ Stages (``train.py`` runs them in order, each for a budget of tokens):
             tokens, plus alpha * cross-entropy on the next token
     ce      cross-entropy only
 
+A stage's terms are combined with fixed weights or, with ``stages.weighting: auto``, by ``uncertainty_weighted``
+(Kendall, Gal & Cipolla 2018): sum_i exp(-s_i) L_i + s_i, the log-variances s_i learned with the student, so a
+term's weight settles where its loss is small relative to its noise, and no weight is searched by hand.
+
 Logits are never held for a whole batch: ``kd_ce_loss`` walks the real tokens in chunks and recomputes each
 chunk's logits in the backward pass (activation checkpointing), so memory is O(chunk x vocab), not
 O(batch x seq x vocab) (49k vocab x 8 x 2048 tokens in fp32 would be 3.2 GB).
@@ -43,6 +47,18 @@ def align_loss_ref(student_out, teacher_out, mask, eps: float = 1e-6):
                 total = total + ((s - t) ** 2).sum() / ((t ** 2).sum() + eps)
                 n += 1
     return total / max(n, 1)
+
+
+def uncertainty_weighted(terms: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
+    """sum_i exp(-s_i) L_i + s_i. terms: (n,) the stage's losses; log_vars: (n,) learned s_i."""
+    return (torch.exp(-log_vars) * terms + log_vars).sum()
+
+
+def uncertainty_weighted_ref(terms, log_vars):
+    total = 0.0
+    for loss, s in zip(terms, log_vars):
+        total = total + loss / torch.exp(s) + s
+    return total
 
 
 @dataclass

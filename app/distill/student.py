@@ -1,26 +1,50 @@
-"""The student: a transformers ``Mamba2ForCausalLM`` derived from a teacher causal LM.
+"""The student, built from a teacher causal LM: a hybrid Mamba-in-Llama (``hybrid``, transformers'
+``BambaForCausalLM``) or a pure Mamba-2 (``mamba2``, ``Mamba2ForCausalLM``).
 
-Same tokenizer and vocabulary as the teacher; hidden size and layer count are the teacher's unless given (a
-smaller student, e.g. for scaling sweeps, is randomly initialised). The SSM shape (heads, head size,
-state size, groups, expand) is configurable and defaults to the one that lets ``init.attention_init`` copy
-the teacher's attention projections: expand 1, one SSM head per attention head, head size = the teacher's
-head_dim, state size = head_dim, one B/C group per head. It is a plain HF model: ``save_pretrained`` writes
-config + safetensors, vLLM and ``from_pretrained`` read it back, and on CUDA with ``mamba-ssm`` and
-``causal-conv1d`` installed transformers runs it on their kernels (the torch path otherwise).
+hybrid   per teacher layer: both RMSNorms and the SwiGLU MLP copied; the attention mixer kept verbatim (the
+         layers in ``attention_layers``) or replaced by a Mamba-2 mixer (initialised from Q/K/V/O by
+         ``init.py``, or at random). Embeddings, the final norm and the head copied. The kept attention layers
+         use the teacher's RoPE exactly (``BambaConfig`` defaults to partial_rotary_factor 0.5; the teacher's
+         rope parameters are passed with factor 1.0). With every attention layer kept the student *is* the
+         teacher (a test checks the logits). SSM shape: expand 1, one SSM head per attention head, head size =
+         state size = the teacher's head_dim, one B/C group per head.
+mamba2   blocks of norm + mixer, no MLP; the teacher's shape, or a smaller random one (scaling sweeps).
+
+Both are plain HF models: ``save_pretrained`` writes config + safetensors, ``AutoModelForCausalLM.from_pretrained``
+reads them back, vLLM has both architectures, and on CUDA with ``mamba-ssm`` and ``causal-conv1d`` installed
+transformers runs them on their kernels (its torch path otherwise).
+
+Generation with a cache: transformers 5.24 cannot generate from a Bamba model with *no* attention layer (its
+causal-mask code asks the cache for its length, which only attention layers track). ``generation_cache(model)``
+returns the cache to pass (``model.generate(..., cache=generation_cache(model))``); for such a model it is a
+``DynamicCache`` that counts the tokens itself. Students without attention are saved with ``use_cache: false``
+so that a plain forward does not build the default cache either, and with ``use_cache: true`` in their
+generation config, so that ``generate`` feeds one token per step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from fractions import Fraction
+from typing import Any, Optional, Sequence, Union
+
+from app.distill.init import copy_mismatch, mixer_from_attention, teacher_dims
 
 log = logging.getLogger(__name__)
+
+ARCHS = ("hybrid", "mamba2")
+INITS = ("attention", "random")
+# a teacher layer's parameters the hybrid copy knows (anything else, e.g. q_norm of Qwen3, would be lost)
+_LAYER_PARAMS = {"input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                 "mlp.up_proj.weight", "mlp.down_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias",
+                 "mlp.down_proj.bias", *(f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias"))}
 
 
 @dataclass
 class StudentShape:
-    """The student's shape; ``None`` means "as the teacher's" (see the module doc)."""
+    """The mamba2 student's shape; ``None`` means "as the teacher's" (see the module doc)."""
 
     hidden_size: Optional[int] = None
     num_layers: Optional[int] = None
@@ -33,16 +57,32 @@ class StudentShape:
     chunk_size: int = 64
 
 
-def teacher_dims(cfg: Any) -> dict:
-    """hidden, layers, heads, kv_heads, head_dim, vocab of a Llama-style teacher config."""
-    heads = cfg.num_attention_heads
-    return {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": heads,
-            "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, "vocab": cfg.vocab_size}
+def attention_layer_indices(spec: Union[float, str, Sequence[int], None], num_layers: int) -> list[int]:
+    """The teacher layers whose attention the hybrid keeps. ``spec``: a fraction f in [0, 1] (as a number or a
+    string such as "1/4"), evenly spaced as MambaInLlama places them: for f = 1/k, layers k-1, 2k-1, ... (1/4 of
+    30 layers keeps 3, 7, ..., 27); otherwise round(f * L) layers at floor((j + 1) L / n) - 1. Or a list of
+    layer indices."""
+    if spec is None:
+        return []
+    if isinstance(spec, (list, tuple)):
+        idx = sorted({int(i) for i in spec})
+        bad = [i for i in idx if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"student.attention_layers: {bad} outside 0..{num_layers - 1}")
+        return idx
+    f = Fraction(str(spec)) if isinstance(spec, str) else Fraction(spec).limit_denominator(1000)
+    if not 0 <= f <= 1:
+        raise ValueError(f"student.attention_layers: fraction {spec} outside [0, 1]")
+    if f == 0:
+        return []
+    if f.numerator == 1:
+        return list(range(f.denominator - 1, num_layers, f.denominator))
+    n = max(1, round(float(f) * num_layers))
+    return [(j + 1) * num_layers // n - 1 for j in range(n)]
 
 
 def student_config(teacher_cfg: Any, shape: StudentShape):
-    """The Mamba2Config of the student of ``teacher_cfg``; a shape that cannot work is a ValueError."""
+    """The Mamba2Config of the mamba2 student of ``teacher_cfg``; a shape that cannot work is a ValueError."""
     from transformers import Mamba2Config
 
     t = teacher_dims(teacher_cfg)
@@ -69,29 +109,210 @@ def student_config(teacher_cfg: Any, shape: StudentShape):
         tie_word_embeddings=bool(getattr(teacher_cfg, "tie_word_embeddings", False)), **ids)
 
 
-def build_student(teacher, shape: StudentShape, init: str = "attention", seed: int = 0):
+def hybrid_config(teacher_cfg: Any, attention_layers: Sequence[int], conv_kernel: int = 4, chunk_size: int = 64):
+    """The BambaConfig of the hybrid student of a Llama-style ``teacher_cfg`` keeping ``attention_layers``."""
+    from transformers import BambaConfig
+
+    t = teacher_dims(teacher_cfg)
+    if t["heads"] * t["head_dim"] % t["hidden"]:
+        raise ValueError(f"hybrid student: teacher heads * head_dim ({t['heads']} * {t['head_dim']}) must be a "
+                         f"multiple of its hidden size ({t['hidden']})")
+    if t["head_dim"] != t["hidden"] // t["heads"]:
+        raise ValueError(f"hybrid student: the teacher's head_dim ({t['head_dim']}) must be hidden / heads "
+                         f"({t['hidden']} / {t['heads']}), as BambaAttention assumes")
+    rope = dict(getattr(teacher_cfg, "rope_parameters", None) or {})
+    if not rope:
+        rope = {"rope_type": "default", "rope_theta": float(getattr(teacher_cfg, "rope_theta", 10000.0))}
+    rope["partial_rotary_factor"] = 1.0  # BambaConfig would otherwise rotate half of each head
+    q_bias = bool(getattr(teacher_cfg, "attention_bias", False)) or teacher_cfg.model_type in ("qwen2",)
+    ids = {k: getattr(teacher_cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return BambaConfig(
+        vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=teacher_cfg.intermediate_size,
+        num_hidden_layers=t["layers"], num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
+        hidden_act=getattr(teacher_cfg, "hidden_act", "silu"), rms_norm_eps=getattr(teacher_cfg, "rms_norm_eps", 1e-5),
+        max_position_embeddings=getattr(teacher_cfg, "max_position_embeddings", 2048),
+        tie_word_embeddings=bool(getattr(teacher_cfg, "tie_word_embeddings", False)),
+        attn_layer_indices=list(attention_layers), attention_bias=q_bias,
+        mlp_bias=bool(getattr(teacher_cfg, "mlp_bias", False)), rope_parameters=rope,
+        mamba_n_heads=t["heads"], mamba_d_head=t["head_dim"], mamba_n_groups=t["heads"], mamba_d_state=t["head_dim"],
+        mamba_expand=t["heads"] * t["head_dim"] // t["hidden"], mamba_d_conv=conv_kernel, mamba_chunk_size=chunk_size,
+        mamba_conv_bias=True, mamba_proj_bias=False, use_cache=bool(attention_layers), **ids)
+
+
+def _check_llama_like(teacher) -> None:
+    for i, layer in enumerate(teacher.model.layers):
+        names = {n for n, _ in layer.named_parameters()}
+        extra = sorted(names - _LAYER_PARAMS)
+        if extra:
+            raise ValueError(f"hybrid student: teacher layer {i} has parameters the copy does not carry: {extra} "
+                             "(a Llama-style teacher is needed: norms, q/k/v/o, SwiGLU MLP)")
+
+
+def _copy(dst, src) -> None:
+    import torch
+
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        if getattr(dst, "bias", None) is not None:
+            if getattr(src, "bias", None) is not None:
+                dst.bias.copy_(src.bias)
+            else:
+                dst.bias.zero_()
+
+
+def build_hybrid(teacher, attention_layers: Sequence[int], init: str = "attention", conv_init: str = "identity",
+                 seed: int = 0, conv_kernel: int = 4, chunk_size: int = 64):
+    """A BambaForCausalLM student of a loaded Llama-style teacher (fp32; see the module doc). Returns
+    (model, mapped): ``mapped`` lists the student tensors set from the teacher (or by the SSM init)."""
+    import torch
+    from transformers import BambaForCausalLM
+
+    if init not in INITS:
+        raise ValueError(f"student.init must be one of {INITS}, got {init!r}")
+    _check_llama_like(teacher)
+    cfg = hybrid_config(teacher.config, attention_layers, conv_kernel, chunk_size)
+    cfg._attn_implementation = getattr(teacher.config, "_attn_implementation", None) or "sdpa"
+    torch.manual_seed(seed)
+    student = BambaForCausalLM(cfg).float()
+    gen = torch.Generator().manual_seed(seed)
+    dims = teacher_dims(teacher.config)
+    tm, sm = teacher.model, student.model
+    mapped = ["model.embed_tokens.weight", "model.final_layernorm.weight"]
+    _copy(sm.embed_tokens, tm.embed_tokens)
+    _copy(sm.final_layernorm, tm.norm)
+    if not cfg.tie_word_embeddings:
+        _copy(student.lm_head, teacher.lm_head)
+        mapped.append("lm_head.weight")
+    for i, (tl, sl) in enumerate(zip(tm.layers, sm.layers)):
+        p = f"model.layers.{i}."
+        _copy(sl.input_layernorm, tl.input_layernorm)
+        _copy(sl.pre_ff_layernorm, tl.post_attention_layernorm)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _copy(getattr(sl.feed_forward, name), getattr(tl.mlp, name))
+        mapped += [p + n for n in ("input_layernorm.weight", "pre_ff_layernorm.weight", "feed_forward")]
+        if i in cfg.attn_layer_indices:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                _copy(getattr(sl.self_attn, name), getattr(tl.self_attn, name))
+            mapped.append(p + "self_attn")
+        elif init == "attention":
+            mapped += [p + "mamba." + n for n in mixer_from_attention(sl.mamba, tl.self_attn, dims, conv_init, gen)]
+    if cfg.tie_word_embeddings:
+        student.tie_weights()
+    student.generation_config.use_cache = True  # generate() keeps its cache even where a plain forward has none
+    log.info("hybrid student: %d layers, attention kept in %s, mixer init %s", cfg.num_hidden_layers,
+             cfg.attn_layer_indices, init)
+    return student, mapped
+
+
+def build_mamba2(teacher, shape: StudentShape, init: str = "attention", conv_init: str = "identity", seed: int = 0):
     """A Mamba2ForCausalLM for ``teacher`` (a loaded HF causal LM; for ``random``, its config is enough), fp32,
-    initialised ``attention`` (weights copied from the teacher where the shapes allow, see ``init.py``) or
-    ``random``. Returns (model, mapped): ``mapped`` lists what the attention init copied."""
+    initialised ``attention`` (embeddings, norms, head and, where the shapes allow, Q/K/V/O copied) or
+    ``random``. Returns (model, mapped)."""
     import torch
     from transformers import Mamba2ForCausalLM
 
-    from app.distill.init import attention_init
-
-    if init not in ("attention", "random"):
-        raise ValueError(f"init must be attention or random, got {init!r}")
+    if init not in INITS:
+        raise ValueError(f"student.init must be one of {INITS}, got {init!r}")
     teacher_cfg = getattr(teacher, "config", teacher)
     if init == "attention" and teacher_cfg is teacher:
         raise ValueError("the attention init copies the teacher's weights: pass the loaded teacher, not its config")
-    if init == "attention" and (shape.hidden_size or shape.num_layers):
-        t = teacher_dims(teacher_cfg)
-        if (shape.hidden_size or t["hidden"], shape.num_layers or t["layers"]) != (t["hidden"], t["layers"]):
-            raise ValueError("the attention init needs the teacher's hidden size and layer count (use init random)")
+    t = teacher_dims(teacher_cfg)
+    if init == "attention" and (shape.hidden_size or t["hidden"], shape.num_layers or t["layers"]) != (t["hidden"], t["layers"]):
+        raise ValueError("the attention init needs the teacher's hidden size and layer count (use init random)")
     cfg = student_config(teacher_cfg, shape)
     torch.manual_seed(seed)
     student = Mamba2ForCausalLM(cfg).float()
     mapped: list[str] = []
-    if init == "attention":
-        mapped = attention_init(student, teacher)
-        log.info("attention init: %d tensors copied from the teacher", len(mapped))
+    if init != "attention":
+        return student, mapped
+    gen = torch.Generator().manual_seed(seed)
+    tm, sm = teacher.model, student.backbone
+    _copy(sm.embeddings, tm.embed_tokens)
+    _copy(sm.norm_f, tm.norm)
+    mapped += ["backbone.embeddings.weight", "backbone.norm_f.weight"]
+    if not cfg.tie_word_embeddings:
+        _copy(student.lm_head, teacher.lm_head)
+        mapped.append("lm_head.weight")
+    why = copy_mismatch(sm.layers[0].mixer, t)
+    if why:
+        log.warning("attention init: projections not copied (%s); embeddings, norms and head only", "; ".join(why))
+    for i, (tl, sl) in enumerate(zip(tm.layers, sm.layers)):
+        _copy(sl.norm, tl.input_layernorm)
+        mapped.append(f"backbone.layers.{i}.norm.weight")
+        if not why:
+            mapped += [f"backbone.layers.{i}.mixer.{n}" for n in mixer_from_attention(sl.mixer, tl.self_attn, t, conv_init, gen)]
+    log.info("attention init: %d tensors copied from the teacher", len(mapped))
     return student, mapped
+
+
+def build_student(teacher, arch: str = "hybrid", *, attention_layers: Union[float, str, Sequence[int], None] = 0.5,
+                  shape: Optional[StudentShape] = None, init: str = "attention", conv_init: str = "identity",
+                  seed: int = 0):
+    """The student of ``teacher`` for ``arch`` (see the module doc); (model, mapped)."""
+    if arch == "hybrid":
+        shape = shape or StudentShape()
+        idx = attention_layer_indices(attention_layers, teacher_dims(teacher.config)["layers"])
+        return build_hybrid(teacher, idx, init, conv_init, seed, shape.conv_kernel, shape.chunk_size)
+    if arch == "mamba2":
+        return build_mamba2(teacher, shape or StudentShape(), init, conv_init, seed)
+    raise ValueError(f"student.arch must be one of {ARCHS}, got {arch!r}")
+
+
+# ---- the pieces of a student the trainer needs, whatever its class ----
+
+def ssm_mixers(student) -> dict:
+    """{layer index: Mamba-2 mixer} of a hybrid or mamba2 student."""
+    layers = student.base_model.layers
+    if hasattr(layers[0], "mixer") and not hasattr(layers[0], "feed_forward"):
+        return {i: layer.mixer for i, layer in enumerate(layers)}
+    return {i: layer.mamba for i, layer in enumerate(layers) if getattr(layer, "block_type", "") == "linear_attention"}
+
+
+def has_attention(model) -> bool:
+    cfg = model.config
+    return bool(getattr(cfg, "attn_layer_indices", None)) if cfg.model_type == "bamba" else cfg.model_type != "mamba2"
+
+
+def generation_cache(model):
+    """The cache to pass to ``model.generate(..., cache=...)`` (or a forward with use_cache): a fresh
+    ``RecurrentCache`` for a Bamba model without attention layers (see the module doc); None (generate makes its
+    own default) for every other model."""
+    if model.config.model_type == "bamba" and not has_attention(model):
+        return RecurrentCache(model.config)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _recurrent_cache_class():
+    from transformers import DynamicCache
+
+    class RecurrentCache(DynamicCache):
+        """A DynamicCache for a model whose layers are all linear attention (Mamba-2): it has no attention layer to
+        hold the sequence length, so it counts the tokens itself. transformers asks every forward's mask sizes
+        exactly once, before the layers run, with that forward's query length (``get_mask_sizes``); the decode path
+        updates the SSM and conv states in place, so this is the one call that sees every forward."""
+
+        def __init__(self, config):
+            super().__init__(config=config)
+            self.seen_tokens = 0
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return self.seen_tokens
+
+        def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+            kv = self.seen_tokens + query_length
+            self.seen_tokens = kv
+            return kv, 0
+
+        def reset(self) -> None:
+            super().reset()
+            self.seen_tokens = 0
+
+        def crop(self, max_length: int) -> None:
+            raise NotImplementedError("a recurrent state cannot be cropped")
+
+    return RecurrentCache
+
+
+def RecurrentCache(config):  # noqa: N802 (a factory: transformers is imported only when one is made)
+    return _recurrent_cache_class()(config)

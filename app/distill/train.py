@@ -69,33 +69,55 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def stage_lr(step: int, plan: "Plan", lr: float, align_lr: Optional[float], warmup: int) -> float:
+    """Two learning-rate segments, each with its own warmup and cosine: stage align at ``align_lr`` over its steps,
+    then stages kd + ce at ``lr`` over theirs."""
+    n_align = plan.steps["align"]
+    if step < n_align:
+        return lr_at(step, n_align, align_lr or lr, min(warmup, n_align))
+    rest = plan.total - n_align
+    return lr_at(step - n_align, rest, lr, min(warmup, rest))
+
+
 def _module():
-    """The DDP-wrapped module: the student plus the losses, so every stage's forward runs through DDP."""
+    """The DDP-wrapped module: the student, the losses and (weighting auto) the learned log-variances, so every
+    stage's forward runs through DDP."""
     import torch
     from torch import nn
 
-    from app.distill.losses import align_loss, kd_ce_loss
+    from app.distill.losses import align_loss, kd_ce_loss, uncertainty_weighted
+    from app.distill.student import ssm_mixers
 
     class DistillModule(nn.Module):
-        def __init__(self, student, chunk_tokens: int):
+        def __init__(self, student, chunk_tokens: int, auto: bool):
             super().__init__()
             self.student = student
             self.chunk_tokens = chunk_tokens
+            self.mixer_layers = sorted(ssm_mixers(student))
+            self.auto = auto
+            # s_i of the auto weighting: one per mixer in stage align, (KD, CE) in stage kd
+            self.log_vars = nn.ParameterDict({"align": nn.Parameter(torch.zeros(max(1, len(self.mixer_layers)))),
+                                              "kd": nn.Parameter(torch.zeros(2))}) if auto else None
 
         def forward(self, input_ids, labels, mask, stage: str, w: dict, teacher: dict):
-            bb = self.student.backbone
-            if stage == "align":  # each mixer on the teacher's input to its layer, against the attention output
-                parts = [align_loss(layer.mixer(layer.norm(x.to(layer.norm.weight.dtype))), a, mask)
-                         for layer, x, a in zip(bb.layers, teacher["layer_inputs"], teacher["attn_outputs"])]
-                align = torch.stack(parts).mean()
-                return {"loss": w["align_weight"] * align, "align": align.detach()}
-            h = bb(input_ids=input_ids).last_hidden_state  # (B, T, d), after norm_f
-            head = self.student.lm_head.weight  # (V, d)
+            if stage == "align":  # each mixer on the teacher's normed input to its layer, against the attention output
+                mixers = ssm_mixers(self.student)
+                parts = torch.stack([align_loss(mixers[i](teacher["attn_inputs"][i]), teacher["attn_outputs"][i], mask)
+                                     for i in self.mixer_layers])  # (n_mixers,)
+                align = parts.mean()
+                loss = uncertainty_weighted(parts, self.log_vars["align"]) if self.auto else w["align_weight"] * align
+                return {"loss": loss, "align": align.detach()}
+            h = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, d), normed
+            head = self.student.get_output_embeddings().weight  # (V, d)
             if stage == "kd":
                 kd, ce = kd_ce_loss(h, head, mask, labels, teacher_hidden=teacher.get("hidden"),
                                     teacher_head=teacher.get("head"), teacher_topk=teacher.get("topk"),
                                     temperature=w["temperature"], chunk_tokens=self.chunk_tokens)
-                return {"loss": w["kd_weight"] * kd + w["kd_ce_weight"] * ce, "kd": kd.detach(), "ce": ce.detach()}
+                if self.auto:
+                    loss = uncertainty_weighted(torch.stack([kd, ce]), self.log_vars["kd"])
+                else:
+                    loss = w["kd_weight"] * kd + w["kd_ce_weight"] * ce
+                return {"loss": loss, "kd": kd.detach(), "ce": ce.detach()}
             _, ce = kd_ce_loss(h, head, mask, labels, chunk_tokens=self.chunk_tokens)
             return {"loss": ce, "ce": ce.detach()}
 
@@ -103,13 +125,15 @@ def _module():
 
 
 class TeacherTaps:
-    """Forward hooks on a Llama-style teacher: each decoder layer's input and its attention's output."""
+    """Forward hooks on chosen attention modules of a Llama-style teacher: their input (the layer's normed hidden
+    states) and their output."""
 
-    def __init__(self, teacher):
+    def __init__(self, teacher, layers):
         self.inputs, self.outputs, self.handles = {}, {}, []
-        for i, layer in enumerate(teacher.model.layers):
-            self.handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self.handles.append(layer.self_attn.register_forward_hook(self._post(i)))
+        for i in layers:
+            attn = teacher.model.layers[i].self_attn
+            self.handles.append(attn.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(attn.register_forward_hook(self._post(i)))
 
     def _pre(self, i):
         def hook(_mod, args, kwargs):
@@ -121,9 +145,11 @@ class TeacherTaps:
             self.outputs[i] = out[0] if isinstance(out, tuple) else out
         return hook
 
-    def take(self) -> tuple[list, list]:
-        n = len(self.inputs)
-        return [self.inputs[i] for i in range(n)], [self.outputs[i] for i in range(n)]
+    def take(self) -> tuple[dict, dict]:
+        ins, outs = dict(self.inputs), dict(self.outputs)
+        self.inputs.clear()
+        self.outputs.clear()
+        return ins, outs
 
     def remove(self) -> None:
         for h in self.handles:
@@ -134,11 +160,13 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """(student state dict, optimizer state dict), whole; under FSDP gathered onto rank 0 (every rank calls)."""
+def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict, dict]:
+    """(student state dict, loss-weight state dict, optimizer state dict), whole; under FSDP gathered onto rank 0
+    (every rank calls)."""
     if not fsdp:
-        student = _unwrap(model).student
-        return student.state_dict(), optimizer.state_dict()
+        mod = _unwrap(model)
+        extra = {f"log_vars.{k}": v.detach() for k, v in mod.log_vars.items()} if mod.log_vars is not None else {}
+        return mod.student.state_dict(), extra, optimizer.state_dict()
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -146,13 +174,17 @@ def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
                               FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
         sd = model.state_dict()
         osd = FSDP.optim_state_dict(model, optimizer)
-    return {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}, osd
+    return ({k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")},
+            {k: v for k, v in sd.items() if k.startswith("log_vars.")}, osd)
 
 
-def _save_checkpoint(path: str, student, weights: dict, optim_state: dict, state: dict) -> None:
+def _save_checkpoint(path: str, student, weights: dict, extra: dict, optim_state: dict, state: dict) -> None:
     import torch
+    from safetensors.torch import save_file
 
     student.save_pretrained(os.path.join(path, "student"), state_dict=weights)
+    if extra:
+        save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(path, "loss_weights.safetensors"))
     torch.save(optim_state, os.path.join(path, "optimizer.pt"))
     with open(os.path.join(path, "state.json"), "w") as f:
         json.dump(state, f)
@@ -185,39 +217,57 @@ def train_loop(config: dict) -> None:
 
     topk_rows = config.get("topk")
     needs_teacher = (plan.steps["align"] > 0 or (plan.steps["kd"] > 0 and not topk_rows) or tc.eval_teacher
-                     or cfg.student.init == "attention")
+                     or cfg.student.init == "attention" or cfg.student.arch == "hybrid")
     teacher = load_causal_lm(cfg.teacher, device=str(device)) if needs_teacher else None
-    student, _ = build_student(teacher.model if teacher else load_model_config(cfg.teacher), cfg.student.shape(),
-                               init=cfg.student.init, seed=tc.seed)
+    student, _ = build_student(teacher.model if teacher else load_model_config(cfg.teacher), cfg.student.arch,
+                               attention_layers=cfg.student.attention_layers, shape=cfg.student.shape(),
+                               init=cfg.student.init, conv_init=cfg.student.conv_init, seed=tc.seed)
+    module = _module()(student, tc.kd_chunk_tokens, sc.weighting == "auto")
     start, tokens_seen = 0, 0
     ckpt = ray.train.get_checkpoint()
     opt_state = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            with open(os.path.join(d, "state.json")) as f:
+                st = json.load(f)
+            differs = run_key_diff(st.get("run"), config["run_key"])
+            if differs:  # prepare() refuses this before the run starts; a checkpoint from elsewhere lands here
+                raise RuntimeError(f"the checkpoint was made by a run with other settings ({differs})")
             missing, unexpected = student.load_state_dict(load_file(os.path.join(d, "student", "model.safetensors")),
                                                           strict=False)
             if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head is not saved
                 raise RuntimeError(f"checkpoint does not fit the student: missing {missing}, unexpected {unexpected}")
-            opt_state = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
-            with open(os.path.join(d, "state.json")) as f:
-                st = json.load(f)
+            if module.log_vars is not None:
+                lw = load_file(os.path.join(d, "loss_weights.safetensors"))
+                with torch.no_grad():
+                    for k, v in module.log_vars.items():
+                        v.copy_(lw[f"log_vars.{k}"])
+            # to CPU whatever device saved it (every rank on cuda:0 otherwise); load_state_dict moves each tensor
+            # to its parameter's device, and the reference is dropped once loaded
+            opt_state = torch.load(os.path.join(d, "optimizer.pt"), map_location="cpu", weights_only=True)
             start, tokens_seen = st["step"], st["tokens"]
         if rank == 0:
             _log_event(out, {"event": "resumed", "step": start})
             log.info("resumed from the checkpoint at step %d", start)
     if getattr(student.config, "tie_word_embeddings", False):
         student.tie_weights()
-    model = ray.train.torch.prepare_model(_module()(student, tc.kd_chunk_tokens), parallel_strategy=tc.strategy,
-                                          # stage align leaves embeddings, norm_f and the head unused
-                                          parallel_strategy_kwargs={"find_unused_parameters": plan.steps["align"] > 0}
+    # stage align leaves embeddings, MLPs, the head (and kept attention) unused; auto weighting, the other
+    # stage's log-variances
+    unused = plan.steps["align"] > 0 or module.log_vars is not None
+    model = ray.train.torch.prepare_model(module, parallel_strategy=tc.strategy,
+                                          parallel_strategy_kwargs={"find_unused_parameters": unused}
                                           if tc.strategy == "ddp" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+    decay = [p for n, p in model.named_parameters() if "log_vars" not in n]
+    no_decay = [p for n, p in model.named_parameters() if "log_vars" in n]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
+                            weight_decay=tc.weight_decay, betas=(0.9, 0.95))
     if opt_state is not None:
         if tc.strategy == "fsdp":
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             opt_state = FSDP.optim_state_dict_to_load(model, opt, opt_state)
         opt.load_state_dict(opt_state)
+        opt_state = None
     train_rows = PackedRows(config["data"]["train"])
     eval_rows = PackedRows(config["data"]["eval"]) if config["data"]["eval"] else None
     topk_reader = None
@@ -227,7 +277,8 @@ def train_loop(config: dict) -> None:
         topk_reader = TopKRows(topk_rows["files"], topk_rows["k"])
     loss_w = {"align_weight": sc.align_weight, "kd_weight": sc.kd_weight, "kd_ce_weight": sc.kd_ce_weight,
               "temperature": sc.temperature}
-    taps = TeacherTaps(teacher.model) if plan.steps["align"] > start else None
+    mixer_layers = _unwrap(model).mixer_layers
+    taps = TeacherTaps(teacher.model, mixer_layers) if plan.steps["align"] > start else None
     writer = None
     if rank == 0:
         from tensorboardX import SummaryWriter
@@ -257,7 +308,7 @@ def train_loop(config: dict) -> None:
                 ce_s = fwd(x, y, mask, "ce", loss_w, {})["ce"]
                 sums[0] += float(ce_s) * y.numel()
                 if teacher_eval is None and teacher is not None:
-                    ht = teacher.model.model(input_ids=x).last_hidden_state
+                    ht = teacher.model.model(input_ids=x, use_cache=False).last_hidden_state
                     _, ce_t = kd_ce_loss(ht, teacher.model.lm_head.weight, mask, y, chunk_tokens=tc.kd_chunk_tokens)
                     sums[1] += float(ce_t) * y.numel()
                 sums[2] += y.numel()
@@ -278,7 +329,7 @@ def train_loop(config: dict) -> None:
         if taps is not None and stage != "align":
             taps.remove()
             taps = None
-        lr = lr_at(step, plan.total, tc.lr, tc.warmup_steps)
+        lr = stage_lr(step, plan, tc.lr, sc.align_lr, tc.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         rows = batch_rows(step, rank, world, tc.batch_size, train_rows.rows, tc.seed)
@@ -288,14 +339,16 @@ def train_loop(config: dict) -> None:
         teach: dict = {}
         with torch.no_grad():
             if stage == "align":
-                teacher.model.model(input_ids=x)
+                teacher.model.model(input_ids=x, use_cache=False)
                 inputs, outputs = taps.take()
-                teach = {"layer_inputs": [t.float() for t in inputs], "attn_outputs": [t.float() for t in outputs]}
+                teach = {"attn_inputs": {i: t.float() for i, t in inputs.items()},
+                         "attn_outputs": {i: t.float() for i, t in outputs.items()}}
             elif stage == "kd" and topk_reader is not None:
                 tid, tlog = topk_reader.take(rows)
                 teach = {"topk": TeacherTopK(torch.from_numpy(tid).to(device), torch.from_numpy(tlog).to(device))}
             elif stage == "kd":
-                teach = {"hidden": teacher.model.model(input_ids=x).last_hidden_state, "head": teacher.model.lm_head.weight}
+                teach = {"hidden": teacher.model.model(input_ids=x, use_cache=False).last_hidden_state,
+                         "head": teacher.model.lm_head.weight}
         if tc.debug_fail_at_step is not None and step == tc.debug_fail_at_step and rank == 0:
             marker = os.path.join(out, ".debug_failed")
             if not os.path.exists(marker):
@@ -342,12 +395,13 @@ def train_loop(config: dict) -> None:
                 if isinstance(v, (int, float)) and v is not None:
                     writer.add_scalar(f"train/{k}", v, step + 1)
         if (step + 1) % tc.checkpoint_every == 0 or last:
-            student_state, optim_state = _full_state(model, opt, tc.strategy == "fsdp")
+            student_state, extra_state, optim_state = _full_state(model, opt, tc.strategy == "fsdp")
             with tempfile.TemporaryDirectory() as tmp:
                 ck = None
                 if rank == 0:
-                    _save_checkpoint(tmp, _unwrap(model).student, student_state, optim_state,
-                                     {"step": step + 1, "tokens": tokens_seen, "stage": stage})
+                    _save_checkpoint(tmp, _unwrap(model).student, student_state, extra_state, optim_state,
+                                     {"step": step + 1, "tokens": tokens_seen, "stage": stage,
+                                      "run": config["run_key"]})
                     ck = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ck)
     if writer is not None:
@@ -378,20 +432,65 @@ class Prepared:
     packed: object
     plan: Plan
     topk: Optional[dict]
+    key: dict
+
+
+def run_key(cfg, packed, plan: Plan) -> dict:
+    """What fixes a run's data plan and its student: a checkpoint is only resumed by a run with the same key."""
+    from app.config import to_dict
+
+    return {"teacher": cfg.teacher, "data": packed.root, "plan": plan.__dict__, "num_workers": cfg.train.num_workers,
+            "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "weighting": cfg.stages.weighting,
+            "student": to_dict(cfg.student)}
+
+
+def run_key_diff(old: Optional[dict], new: dict) -> str:
+    """The settings that differ between two run keys, as ``key: old -> new`` (empty: none; no old key: none)."""
+    if old is None:
+        return ""
+
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{pre}{k}."))
+            else:
+                out[pre + k] = v
+        return out
+
+    o, n = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
+    names = {"plan.tokens_per_step": "tokens per step", "data": "packed data (input, tokenizer, data.seq_len, "
+             "data.eval_fraction, data.max_docs)", "num_workers": "train.num_workers", "batch_size": "train.batch_size",
+             "seed": "train.seed", "weighting": "stages.weighting", "teacher": "teacher"}
+    return "; ".join(f"{names.get(k, k.replace('plan.steps.', 'steps of stage '))}: {o.get(k)!r} -> {n.get(k)!r}"
+                     for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k))
+
+
+def _check_rerun(out: str, key: dict) -> None:
+    """Refuse to continue a run in ``out`` whose checkpoints were made with other settings (nothing is touched)."""
+    path = os.path.join(out, "run.json")
+    has_checkpoints = os.path.isdir(os.path.join(out, "ray", "train"))
+    if not (has_checkpoints and os.path.isfile(path)):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    differs = run_key_diff(old, key)
+    if differs:
+        raise ValueError(f"{out} holds checkpoints of a run with other settings, which a rerun would resume: "
+                         f"{differs}. Use a new output directory, or restore those settings to resume it.")
 
 
 def prepare(cfg) -> Prepared:
-    """Resolved config saved in the output directory, data packed (cached), the plan, the top-k cache."""
+    """Data packed (cached), the plan, the memory estimate, a rerun's settings checked against the checkpoints it
+    would resume, the resolved config saved in the output directory, the top-k cache."""
     import yaml
 
     from app.config import to_dict
     from app.distill.data import prepare_data
+    from app.models import load_model_config
 
     cfg = absolute_paths(cfg)
     out = cfg.output
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     cache_dir = os.path.abspath(cfg.data.cache_dir or os.path.join(out, "cache"))
     packed = prepare_data(cfg.data, cfg.teacher, cache_dir)
     tc = cfg.train
@@ -401,13 +500,32 @@ def prepare(cfg) -> Prepared:
     plan = Plan.make(cfg.stages, tc.num_workers * tc.batch_size * cfg.data.seq_len)
     if tc.strategy == "fsdp" and plan.steps["align"]:
         raise ValueError("stage align needs train.strategy: ddp (FSDP shards the layers it calls one by one)")
+    teacher_cfg = load_model_config(cfg.teacher)
+    if plan.steps["align"] and cfg.student.arch == "hybrid":
+        from app.distill.student import attention_layer_indices
+
+        if len(attention_layer_indices(cfg.student.attention_layers, teacher_cfg.num_hidden_layers)) == \
+                teacher_cfg.num_hidden_layers:
+            raise ValueError("stage align has nothing to align: the student keeps every attention layer "
+                             "(stages.align_tokens: 0, or fewer student.attention_layers)")
+    if tc.memory_check:
+        from app.distill.memory import check_fits
+
+        check_fits(cfg, teacher_cfg)
+    key = run_key(cfg, packed, plan)
+    _check_rerun(out, key)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(key, f, indent=1)
     topk = None
     if cfg.cache.teacher_topk:
         from app.distill.cache import teacher_topk_cache
 
         topk = teacher_topk_cache(cfg, packed, out)
     log.info("plan: %s steps (%d tokens per step, %d workers)", plan.steps, plan.tokens_per_step, tc.num_workers)
-    return Prepared(cfg, packed, plan, topk)
+    return Prepared(cfg, packed, plan, topk, key)
 
 
 def trainer(prep: Prepared, callbacks: tuple = ()):
@@ -423,7 +541,7 @@ def trainer(prep: Prepared, callbacks: tuple = ()):
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "plan": prep.plan.__dict__, "data": prep.packed.to_dict(),
-                           "output": cfg.output, "topk": prep.topk},
+                           "output": cfg.output, "topk": prep.topk, "run_key": prep.key},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
         torch_config=NodeBoundTorchConfig(),  # the process group listens on the node's Ray address only
         run_config=RunConfig(name="train", storage_path=os.path.join(cfg.output, "ray"),

@@ -3,8 +3,10 @@
 ``Engine.run(rows)`` left-pads the prompts of many requests into one batch and runs transformers' ``generate``
 once: the prompts are prefilled in one forward, and every later step feeds one token per row with the cache
 (Mamba-2: the recurrent SSM state and the conv window, so a step costs O(1) in the sequence length; attention
-models: the KV cache). Left padding is exact for Mamba-2: the padded positions are zeroed before the input
-projection and after the convolution, so they leave the state at zero.
+models: the KV cache; hybrid students, both; a hybrid student with no attention layer gets the cache
+``app.distill.student.generation_cache`` makes, which transformers cannot make for it). Left padding is exact for
+Mamba-2 mixers: the padded positions are zeroed before the input projection and after the convolution, so they
+leave the state at zero.
 
 What ``generate`` does not do per row is ours, in two hooks:
 
@@ -290,6 +292,8 @@ class Engine:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+        from app.distill.student import generation_cache
+
         if not rows:
             return rows
         longest = max(len(r.prompt_ids) for r in rows)
@@ -305,7 +309,7 @@ class Engine:
                               pad_token_id=self.pad_id, eos_token_id=[], use_cache=True)
         with torch.inference_mode():
             self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                generation_config=gc,
+                                generation_config=gc, cache=generation_cache(self.model),
                                 logits_processor=LogitsProcessorList([RowSampler(rows, self.device)]),
                                 stopping_criteria=StoppingCriteriaList([stopper]))
         for r in rows:  # generate ended (every row stopped, or its own limit): nothing stays open
