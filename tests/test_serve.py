@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cluster.local import free_ports
-from tests.tiny_models import tiny_llama, tiny_mamba2
+from tests.tiny_models import tiny_hybrid, tiny_llama, tiny_mamba2
 
 PROMPTS = ["the quick brown fox", "a cat sat on the mat it was very good day", "dog",
            "park with friends of mine who like reading books about history science art music the quick"]
@@ -21,7 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    return tiny_mamba2(str(tmp_path_factory.mktemp("serve") / "student"))
+    """A tiny hybrid student keeping half its attention layers (layer 1 of 2): the server's model."""
+    return tiny_hybrid(str(tmp_path_factory.mktemp("serve") / "student"), attention=0.5)
+
+
+@pytest.fixture(scope="module")
+def student0(tmp_path_factory):
+    """A tiny hybrid student with no attention layer left."""
+    return tiny_hybrid(str(tmp_path_factory.mktemp("serve0") / "student"), attention=0)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +42,10 @@ def reference(hf, ids, max_tokens):
     """transformers' greedy generate for one prompt (no batch, no padding): (text, finish_reason, tokens)."""
     import torch
 
+    from app.distill.student import generation_cache
+
     out = hf.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                            max_new_tokens=max_tokens, do_sample=False)
+                            max_new_tokens=max_tokens, do_sample=False, cache=generation_cache(hf.model))
     gen = out[0, len(ids):].tolist()
     eos = hf.tokenizer.eos_token_id
     finish = "length"
@@ -57,11 +66,12 @@ def _engine(ref):
     return Engine(m.model, m.tokenizer), m
 
 
-@pytest.mark.parametrize("kind", ["mamba2", "llama"])
-def test_batched_greedy_equals_generate_one_prompt_at_a_time(kind, tmp_path, student):
+@pytest.mark.parametrize("kind", ["hybrid 1/2", "hybrid 0", "mamba2", "llama"])
+def test_batched_greedy_equals_generate_one_prompt_at_a_time(kind, tmp_path, student, student0):
     from app.serve.generate import Row, SamplingParams
 
-    ref = student if kind == "mamba2" else tiny_llama(str(tmp_path / "llama"))
+    ref = {"hybrid 1/2": lambda: student, "hybrid 0": lambda: student0,
+           "mamba2": lambda: tiny_mamba2(str(tmp_path / "mamba2")), "llama": lambda: tiny_llama(str(tmp_path / "llama"))}[kind]()
     eng, m = _engine(ref)
     rows = [Row(eng.encode(p), SamplingParams(max_tokens=12, temperature=0)) for p in PROMPTS]
     shapes = []
@@ -345,11 +355,9 @@ def test_the_gate_counts_streamed_body_bytes_and_hides_internal_errors():
 # ------------------------------------------------------------------------------------------- the server
 
 
-@pytest.fixture(scope="module")
-def serving(ray_local, student, tmp_path_factory):
+def _serve(ray_local, student, root):
     """``jobs/serve.py`` (= ``distillery serve``) in a subprocess joined to the test's Ray, as under ``ray job
     submit``: the tiny student on 127.0.0.1 with small limits, the API key from a file (a mounted secret)."""
-    root = tmp_path_factory.mktemp("serving")
     (root / "key").write_text(KEY + "\n")
     (port,) = free_ports(1)
     sets = [f"api_key_file={root / 'key'}", "model_name=tiny-student", "deployment.num_cpus=1",
@@ -361,6 +369,12 @@ def serving(ray_local, student, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "serve.py"), student, "--port", str(port),
                              *[a for x in sets for a in ("--set", x)]],
                             env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    return proc, port, log_path
+
+
+@pytest.fixture(scope="module")
+def serving(ray_local, student, tmp_path_factory):
+    proc, port, log_path = _serve(ray_local, student, tmp_path_factory.mktemp("serving"))
     try:
         deadline = time.time() + 240
         while "serving " not in log_path.read_text():

@@ -86,3 +86,24 @@ def tiny_mamba2(path: str, seed: int = 0, head_scale: float = 10.0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_hybrid(path: str, attention=0.5, seed: int = 0, head_scale: float = 10.0) -> str:
+    """A hybrid student (BambaForCausalLM) of a tiny 2-layer Llama, built by ``app.distill.student`` keeping
+    ``attention`` of the attention layers (0.5: layer 1; 0: none), with the word-level tokenizer and a chat
+    template, saved with save_pretrained. ``head_scale`` sharpens its logits as in ``tiny_mamba2``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from app.distill.student import build_student
+
+    teacher = LlamaForCausalLM.from_pretrained(tiny_llama(os.path.join(path, "teacher"), seed=seed))
+    student, _ = build_student(teacher, "hybrid", attention_layers=attention, seed=seed)
+    with torch.no_grad():
+        student.lm_head.weight.mul_(head_scale)
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    os.makedirs(path, exist_ok=True)
+    student.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

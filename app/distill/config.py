@@ -255,6 +255,9 @@ class SpaceConfig:
     """Peak learning rate (train.lr)."""
     init: Optional[list[str]] = None
     """Student initialisations to choose from, e.g. [attention, random] (null: the base's)."""
+    attention_layers: Optional[list[Any]] = None
+    """Hybrid students to choose from by the attention layers they keep, e.g. ["1/8", "1/4", "1/2"] (null: the
+    base's student.attention_layers)."""
 
     def __post_init__(self) -> None:
         for k in ("align_share", "ce_share"):
@@ -262,6 +265,11 @@ class SpaceConfig:
             _check(r is None or (0 <= r.low and r.high <= 1), f"space.{k}", "must lie in [0, 1]")
         _check(self.init is None or (self.init and set(self.init) <= {"attention", "random"}), "space.init",
                "must list attention and/or random")
+        _check(self.attention_layers is None or bool(self.attention_layers), "space.attention_layers",
+               "must list at least one choice or be null")
+        for i, v in enumerate(self.attention_layers or []):
+            why = _attention_spec(v)
+            _check(why is None, f"space.attention_layers[{i}]", why or "")
 
 
 @dataclass

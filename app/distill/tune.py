@@ -77,6 +77,8 @@ def apply_params(cfg, params: dict):
         cfg.train.lr = float(params["lr"])
     if "init" in params:
         cfg.student.init = params["init"]
+    if "attention_layers" in params:
+        cfg.student.attention_layers = params["attention_layers"]
     return cfg
 
 
@@ -88,8 +90,8 @@ def param_space(space) -> dict:
         r = getattr(space, f.name)
         if r is None:
             continue
-        if f.name == "init":
-            out["init"] = tune.choice(list(r))
+        if f.name in ("init", "attention_layers"):
+            out[f.name] = tune.choice(list(r))
         elif r.low == r.high:
             out[f.name] = r.low
         else:
@@ -122,6 +124,31 @@ def trial_concurrency(explicit, train_cfg) -> int:
     return max(1, int(have // train_cfg.num_workers))
 
 
+def memory_concurrency(cfg, wanted: int, explicit: bool) -> int:
+    """How many trials of ``cfg`` may run at once by memory (``wanted`` by CPUs/GPUs or as asked): the largest
+    that fits every node's budget (app/distill/memory.py). An explicit ``max_concurrent_trials`` that does not fit
+    is refused; the automatic one is lowered, and the log says so."""
+    from app.distill.memory import check_fits
+    from app.models import load_model_config
+
+    if not cfg.train.memory_check:
+        return wanted
+    teacher_cfg = load_model_config(cfg.teacher)
+    for k in range(wanted, 0, -1):
+        try:
+            check_fits(cfg, teacher_cfg, concurrent_runs=k)
+        except ValueError as e:
+            if explicit and k == wanted:
+                raise ValueError(f"max_concurrent_trials {wanted}: {e}") from e
+            if k == 1:
+                raise
+            continue
+        if k < wanted:
+            log.warning("memory: %d trials at once fit, not %d; running %d at a time", k, wanted, k)
+        return k
+    return 1
+
+
 def tune_distill(tcfg) -> dict:
     """Run (or resume) the sweep; returns {"best": {...}, "trials": [...], "best_config": path, "resumed": bool}."""
     import yaml
@@ -141,6 +168,8 @@ def tune_distill(tcfg) -> dict:
         yaml.safe_dump(to_dict(tcfg), f, sort_keys=False)
     prep = prepare(base)  # pack the data and compute the top-k cache once, for every trial
     total_steps = prep.plan.total
+    concurrency = memory_concurrency(base, trial_concurrency(tcfg.max_concurrent_trials, tcfg.distill.train),
+                                     explicit=bool(tcfg.max_concurrent_trials))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=to_dict(base), root=out, report_every=tcfg.report_every), DRIVER_RESOURCES)
     exp = os.path.join(out, "tune")
@@ -159,8 +188,7 @@ def tune_distill(tcfg) -> dict:
             trainable, param_space=param_space(tcfg.space),
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", search_alg=OptunaSearch(seed=tcfg.seed),
                                         scheduler=scheduler, num_samples=tcfg.num_samples,
-                                        max_concurrent_trials=trial_concurrency(tcfg.max_concurrent_trials,
-                                                                                          tcfg.distill.train)),
+                                        max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=out),
         )
     grid = tuner.fit()

@@ -44,10 +44,12 @@ class SizeConfig:
 def cpu_sized_base() -> DistillConfig:
     """The default base run: small students a 2-core CPU trains in minutes (sequences of 64, one worker of
     batch 4 per trial, SSM heads of 16, lr 1e-2, held-out loss on 32 batches), randomly initialised."""
-    from app.distill.config import DataConfig, StudentConfig, TrainConfig
+    from app.distill.config import DataConfig, StagesConfig, StudentConfig, TrainConfig
 
     return DistillConfig(data=DataConfig(seq_len=64),
-                         student=StudentConfig(init="random", head_dim=16, state_size=16),
+                         student=StudentConfig(arch="mamba2", attention_layers=0, init="random", head_dim=16,
+                                               state_size=16),
+                         stages=StagesConfig(align_tokens=0, kd_tokens=200_000),  # each grid point sets its own
                          train=TrainConfig(num_workers=1, batch_size=4, lr=1e-2, warmup_steps=5, checkpoint_every=200,
                                            eval_batches=32, eval_teacher=False))
 
