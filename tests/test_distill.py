@@ -92,8 +92,8 @@ def _sentences(n, seed=0, length=40):
     return out
 
 
-def _check_mixer_from_attention(mx, at, d=32):
-    from app.distill.init import repeat_heads
+def _check_mixer_from_attention(mx, at, d=32, input_norm=None):
+    from app.distill.init import GATE_BIAS, GATE_NORM_SCALE, repeat_heads
 
     rows = mx.in_proj.weight  # [z | x | B | C | dt]
     assert torch.equal(rows[d:2 * d], repeat_heads(at.v_proj.weight, 2, 4, 8))  # x <- V, GQA heads repeated
@@ -106,6 +106,11 @@ def _check_mixer_from_attention(mx, at, d=32):
     assert float(dt.min()) >= 1e-3 * 0.999 and float(dt.max()) <= 0.1 * 1.001 and float(dt.max() / dt.min()) > 2
     a = mx.A_log.exp()
     assert float(a.min()) >= 1 and float(a.max()) <= 16 and torch.equal(mx.D, torch.ones_like(mx.D))
+    if input_norm is not None:  # the constant gate: z = bias, the same for every token and channel
+        assert not rows[:d].any() and torch.equal(mx.in_proj.bias[:d], torch.full((d,), GATE_BIAS))
+        assert not mx.in_proj.bias[d:].any() and not mx.out_proj.bias.any()
+        want = GATE_NORM_SCALE * (repeat_heads(at.v_proj.weight, 2, 4, 8) * input_norm[None, :]).norm(dim=1)
+        assert torch.allclose(mx.norm.weight, want)
 
 
 def test_hybrid_student_inherits_the_teacher_tensor_by_tensor(teacher):
@@ -126,7 +131,8 @@ def test_hybrid_student_inherits_the_teacher_tensor_by_tensor(teacher):
             assert torch.equal(getattr(sl.feed_forward, n).weight, getattr(tl.mlp, n).weight)
     for n in ("q_proj", "k_proj", "v_proj", "o_proj"):  # the kept attention layer, verbatim
         assert torch.equal(getattr(sm.layers[1].self_attn, n).weight, getattr(t.model.layers[1].self_attn, n).weight)
-    _check_mixer_from_attention(sm.layers[0].mamba, t.model.layers[0].self_attn)
+    _check_mixer_from_attention(sm.layers[0].mamba, t.model.layers[0].self_attn,
+                                input_norm=t.model.layers[0].input_layernorm.weight)
     assert "model.layers.0.mamba.in_proj.weight[x,B,C]" in mapped and "model.layers.1.self_attn" in mapped
     # random mixer init: the teacher's MLPs and norms all the same, the mixer transformers' own
     rnd, _ = build_student(t, "hybrid", attention_layers=[1], init="random")

@@ -230,7 +230,8 @@ def test_scaling_sweep_on_ray_tune_writes_the_runs_table_and_fits(ray_local, tmp
     texts = _texts(240)
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), tmp_path / "kept" / "p.parquet")
     sets = [f"output={tmp_path / 'sweep'}", f"distill.teacher={teacher}", f"distill.data.input={tmp_path / 'kept'}",
-            "distill.data.seq_len=32", "distill.data.eval_fraction=0.1", "distill.student.head_dim=8",
+            "distill.data.seq_len=32", "distill.data.eval_fraction=0.1", "distill.student.arch=mamba2",
+            "distill.student.head_dim=8",
             "distill.student.state_size=8", "distill.student.chunk_size=16", "distill.train.num_workers=1",
             "distill.train.batch_size=4", "distill.train.eval_batches=4", "distill.train.lr=0.01",
             "distill.train.checkpoint_every=1000",

@@ -10,8 +10,9 @@ Per worker (fp32 training; the teacher in fp32 on CPU, bf16 on GPU):
                    MLP (hybrid)     gate, up, act(gate), their product: 4 I + 2 d floats
                    attention        q, k, v, rotated q and k, the output: ~6 d floats (fused SDPA keeps no T x T)
                    Mamba-2 mixer    in_proj output, conv in/out, x, B, C, dt: ~14 d floats; the torch path's chunked
-                                    scan adds its (chunk x chunk) tensors per head (G, L, M, the decay: ~5 l H) and
-                                    the chunk states (~4 H P N / l); the mamba-ssm kernels recompute those instead
+                                    scan adds its (chunk x chunk) tensors per head (G, L, M, the decay and their
+                                    copies for the backward: ~20 l H) and the chunk states (~8 H P N / l); the
+                                    mamba-ssm kernels recompute those instead
                    the teacher's forward (no gradients) and, stage align, its taps: one layer's worth + 2 d per layer
     logits       the KD/CE chunk: train.kd_chunk_tokens x vocab, ~6 fp32 copies (student and teacher logits,
                  log-softmaxes, the gradient)
@@ -92,7 +93,7 @@ def estimate(cfg, teacher_cfg, kernels: bool = False) -> Estimate:
         s_params = scfg.vocab_size * width * (1 if scfg.tie_word_embeddings else 2) + layers * (
             width * (2 * di + 2 * scfg.n_groups * n + heads) + di * width + (di + 2 * scfg.n_groups * n) * (scfg.conv_kernel + 1))
         mlp = 0
-    mamba = 14 * width + (0 if kernels else 5 * chunk * heads + 4 * heads * p * n // chunk)
+    mamba = 14 * width + (0 if kernels else 20 * chunk * heads + 8 * heads * p * n // chunk)
     per_token = layers * (6 * width + mlp) + n_attn * 6 * width + (layers - n_attn) * mamba
     teacher_fwd = 6 * d + 4 * inter + 2 * d * layers  # one layer's transient + the taps
     tokens = tc.batch_size * cfg.data.seq_len

@@ -7,7 +7,8 @@ hybrid   per teacher layer: both RMSNorms and the SwiGLU MLP copied; the attenti
          use the teacher's RoPE exactly (``BambaConfig`` defaults to partial_rotary_factor 0.5; the teacher's
          rope parameters are passed with factor 1.0). With every attention layer kept the student *is* the
          teacher (a test checks the logits). SSM shape: expand 1, one SSM head per attention head, head size =
-         state size = the teacher's head_dim, one B/C group per head.
+         state size = the teacher's head_dim, one B/C group per head, a bias on the mixers' in/out projections (the
+         constant gate of ``init.py`` lives in it).
 mamba2   blocks of norm + mixer, no MLP; the teacher's shape, or a smaller random one (scaling sweeps).
 
 Both are plain HF models: ``save_pretrained`` writes config + safetensors, ``AutoModelForCausalLM.from_pretrained``
@@ -136,7 +137,7 @@ def hybrid_config(teacher_cfg: Any, attention_layers: Sequence[int], conv_kernel
         mlp_bias=bool(getattr(teacher_cfg, "mlp_bias", False)), rope_parameters=rope,
         mamba_n_heads=t["heads"], mamba_d_head=t["head_dim"], mamba_n_groups=t["heads"], mamba_d_state=t["head_dim"],
         mamba_expand=t["heads"] * t["head_dim"] // t["hidden"], mamba_d_conv=conv_kernel, mamba_chunk_size=chunk_size,
-        mamba_conv_bias=True, mamba_proj_bias=False, use_cache=bool(attention_layers), **ids)
+        mamba_conv_bias=True, mamba_proj_bias=True, use_cache=bool(attention_layers), **ids)
 
 
 def _check_llama_like(teacher) -> None:
@@ -195,7 +196,8 @@ def build_hybrid(teacher, attention_layers: Sequence[int], init: str = "attentio
                 _copy(getattr(sl.self_attn, name), getattr(tl.self_attn, name))
             mapped.append(p + "self_attn")
         elif init == "attention":
-            mapped += [p + "mamba." + n for n in mixer_from_attention(sl.mamba, tl.self_attn, dims, conv_init, gen)]
+            mapped += [p + "mamba." + n for n in mixer_from_attention(sl.mamba, tl.self_attn, dims, conv_init, gen,
+                                                                      tl.input_layernorm.weight)]
     if cfg.tie_word_embeddings:
         student.tie_weights()
     student.generation_config.use_cache = True  # generate() keeps its cache even where a plain forward has none
@@ -240,7 +242,8 @@ def build_mamba2(teacher, shape: StudentShape, init: str = "attention", conv_ini
         _copy(sl.norm, tl.input_layernorm)
         mapped.append(f"backbone.layers.{i}.norm.weight")
         if not why:
-            mapped += [f"backbone.layers.{i}.mixer.{n}" for n in mixer_from_attention(sl.mixer, tl.self_attn, t, conv_init, gen)]
+            mapped += [f"backbone.layers.{i}.mixer.{n}" for n in mixer_from_attention(sl.mixer, tl.self_attn, t, conv_init, gen,
+                                                                                      tl.input_layernorm.weight)]
     log.info("attention init: %d tensors copied from the teacher", len(mapped))
     return student, mapped
 

@@ -87,6 +87,8 @@ class ScalingSweepConfig:
         _check(len(self.sizes) >= 3, "sizes", "a parabola per budget needs at least 3 sizes")
         _check(self.min_steps >= 1, "min_steps", "must be >= 1")
         _check(self.bootstrap >= 0, "bootstrap", "must be >= 0")
+        _check(self.distill.student.arch == "mamba2", "distill.student.arch",
+               "the sweep's students are pure Mamba-2 of the sizes listed: set it to mamba2")
 
 
 def plan_runs(scfg, teacher_config) -> list[dict]:
