@@ -324,7 +324,7 @@ def _serve_args(sub) -> None:
 
 
 def _distill_args(sub) -> None:
-    p = sub.add_parser("distill", help="distill a teacher Transformer into a Mamba-2 student (Ray Train)")
+    p = sub.add_parser("distill", help="distill a teacher Transformer into a hybrid Mamba student (Ray Train)")
     _job_args(p, "distill.yaml", "train.num_workers=4")
     p.set_defaults(fn=cmd_distill)
 

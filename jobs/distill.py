@@ -1,4 +1,4 @@
-"""Distill a teacher into a Mamba-2 student: ``ray job submit --working-dir . -- python jobs/distill.py --config ...``.
+"""Distill a teacher into a hybrid Mamba student: ``ray job submit --working-dir . -- python jobs/distill.py --config ...``.
 
 Runs as ``python jobs/distill.py`` too (starts a local Ray on 127.0.0.1, or joins RAY_ADDRESS).
 """

@@ -248,6 +248,29 @@ def test_hybrid_student_generates_with_a_cache_as_without(teacher, tmp_path, att
         assert cache is None  # transformers' own cache
 
 
+@pytest.mark.parametrize("attention", [0, 0.5])
+def test_attention_init_starts_with_lower_kd_than_random(teacher, attention):
+    """Before any training, the hybrid's mixers from Q/K/V/O (constant gate, scaled norm) leave the student nearer
+    the teacher than transformers' own mixer init, for every seed (3 each)."""
+    from app.distill.student import build_student
+
+    tok = teacher.tokenizer
+    x = torch.tensor([tok(s, add_special_tokens=False)["input_ids"][:32] for s in _sentences(8, seed=3)])
+    mask = torch.ones_like(x, dtype=torch.bool)
+    labels = torch.cat([x[:, 1:], torch.full((x.shape[0], 1), IGNORE)], 1)
+    with torch.no_grad():
+        th = teacher.model.model(input_ids=x).last_hidden_state
+        kd = {}
+        for init in ("attention", "random"):
+            kd[init] = []
+            for seed in range(3):
+                s, _ = build_student(teacher.model, "hybrid", attention_layers=attention, init=init, seed=seed)
+                h = s.model(input_ids=x, use_cache=False).last_hidden_state
+                kd[init].append(float(kd_ce_loss(h, s.lm_head.weight, mask, labels, teacher_hidden=th,
+                                                 teacher_head=teacher.model.lm_head.weight, temperature=2.0)[0]))
+    assert max(kd["attention"]) < min(kd["random"]), kd
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     import pyarrow as pa
@@ -270,7 +293,7 @@ def _cfg(teacher_dir, corpus, out, attention="1/2", **train):
     sets = [f"teacher={teacher_dir}", f"output={out}", f"data.input={data}", f"data.cache_dir={cache}",
             "data.seq_len=32", "data.eval_fraction=0.1", "stages.align_tokens=512", "stages.kd_tokens=1536",
             "stages.ce_tokens=512", "stages.kd_ce_weight=0.2", "train.batch_size=4", "train.num_workers=2",
-            "train.lr=3e-3", "stages.align_lr=1e-2", "train.warmup_steps=2", "train.checkpoint_every=4",
+            "train.lr=3e-4", "stages.align_lr=1e-3", "train.warmup_steps=2", "train.checkpoint_every=4",
             "train.eval_batches=2", f"student.attention_layers={attention}"]
     sets += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(DistillConfig, None, sets)
@@ -322,6 +345,12 @@ def test_distill_on_ray_train_losses_fall_and_student_exports(run, request, teac
     student = AutoModelForCausalLM.from_pretrained(result["student"]).eval()
     assert type(student).__name__ == "BambaForCausalLM"
     assert student.config.attn_layer_indices == ([1] if run == "uninterrupted" else [])
+    from app.distill.init import xbc_bias_slice
+    from app.distill.student import ssm_mixers
+
+    for mixer in ssm_mixers(student).values():  # trained, yet 0 where a bias would break left padding
+        assert not mixer.in_proj.bias[xbc_bias_slice(mixer)].any()
+        assert mixer.in_proj.bias[:mixer.intermediate_size].ne(4.0).any()  # the gate's bias did train
     tok = AutoTokenizer.from_pretrained(result["student"])
     x = tok("the quick brown", return_tensors="pt", add_special_tokens=False)["input_ids"]
     gen = student.generate(x, max_new_tokens=5, do_sample=False, cache=generation_cache(student), eos_token_id=None,
@@ -514,7 +543,9 @@ def test_a_rerun_with_other_settings_is_refused_before_anything_changes(ray_loca
 
     out = str(tmp_path / "run")
     prep = prepare(_cfg(teacher.reference, corpus, out))
-    os.makedirs(os.path.join(out, "ray", "train"))  # as after a run's first checkpoint
+    os.makedirs(os.path.join(out, "ray", "train"))  # as Ray Train leaves it when a run fails before a checkpoint:
+    _check_rerun(out, {**prep.key, "batch_size": 2})  # other settings are welcome
+    os.makedirs(os.path.join(out, "ray", "train", "checkpoint_2026-12-01_00-00-00.000000"))  # after a checkpoint
     before = {f: open(os.path.join(out, f)).read() for f in ("config.yaml", "run.json")}
     for sets, named in ((["train.batch_size=2"], "train.batch_size: 4 -> 2"),
                         (["stages.kd_tokens=4096"], "steps of stage kd: 6 -> 16"),

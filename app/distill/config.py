@@ -215,7 +215,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """The refined corpus and packing."""
     student: StudentConfig = field(default_factory=StudentConfig)
-    """The Mamba-2 student's shape and initialisation."""
+    """The student: hybrid or mamba2, its attention layers, shape and initialisation."""
     stages: StagesConfig = field(default_factory=StagesConfig)
     """Stage budgets and loss weights."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -268,7 +268,8 @@ class SpaceConfig:
         _check(self.attention_layers is None or bool(self.attention_layers), "space.attention_layers",
                "must list at least one choice or be null")
         for i, v in enumerate(self.attention_layers or []):
-            why = _attention_spec(v)
+            why = "a choice must be a fraction (a list of layers cannot be searched)" if isinstance(v, list) else \
+                _attention_spec(v)
             _check(why is None, f"space.attention_layers[{i}]", why or "")
 
 

@@ -44,7 +44,9 @@ Q, K, V. With expand 1, H = the teacher's heads, P = N = the teacher's head_dim 
              output's (a softmax average of values is smaller than one value; 0.15 measured best of 0.1 .. 1 on
              SmolLM2: relative error of the mixer output 0.97 vs 25 at weight 1)
     dt rows: the layer's own initialisation.
-Biases of q/k/v (Qwen2) have no place in a bias-free in_proj and are not copied.
+The in_proj bias stays 0 on x, B and C (``XBC_BIAS_FROZEN``: the trainer keeps it there), so that left padding
+stays exact: padded positions are zeroed before in_proj, and a bias there would reach the first real tokens
+through the conv. Biases of q/k/v (Qwen2) are therefore not copied.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
 GATE_BIAS = 4.0
+XBC_BIAS_FROZEN = True
 GATE_NORM_SCALE = 0.15
 A_LOW, A_HIGH = 1.0, 16.0
 CONV_INITS = ("identity", "default")
@@ -106,6 +109,11 @@ def ssm_dynamics_init(mixer, generator=None) -> None:
         mixer.D.fill_(1.0)
 
 
+def xbc_bias_slice(mixer) -> slice:
+    """The rows of in_proj (and its bias) that feed the conv: [x | B | C]."""
+    return slice(mixer.intermediate_size, mixer.intermediate_size + mixer.conv_dim)
+
+
 def conv_identity(mixer) -> None:
     import torch
 
@@ -144,7 +152,7 @@ def mixer_from_attention(mixer, attn, dims: dict, conv: str = "identity", genera
             rows[:d_inner].zero_()
             mixer.in_proj.bias.zero_()
             mixer.in_proj.bias[:d_inner] = GATE_BIAS
-            wv = rows[x0:b0] * (input_norm[None, :] if input_norm is not None else 1.0)  # (d_inner, d)
+            wv = rows[x0:b0] * (input_norm.to(rows)[None, :] if input_norm is not None else 1.0)  # (d_inner, d)
             mixer.norm.weight.copy_(GATE_NORM_SCALE * wv.norm(dim=1))
             done += ["in_proj[z]", "in_proj.bias", "norm.weight"]
     if conv == "identity":

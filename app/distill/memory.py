@@ -16,7 +16,7 @@ Per worker (fp32 training; the teacher in fp32 on CPU, bf16 on GPU):
                    the teacher's forward (no gradients) and, stage align, its taps: one layer's worth + 2 d per layer
     logits       the KD/CE chunk: train.kd_chunk_tokens x vocab, ~6 fp32 copies (student and teacher logits,
                  log-softmaxes, the gradient)
-    runtime      ~0.6 GiB per worker process (torch, transformers, Ray's worker)
+    runtime      ~0.6 GiB per worker process (torch, transformers, Ray's worker, DDP's gradient buckets)
 The constants were set against measured peaks (``benchmarks/distill_memory.py`` prints the estimate next to
 the peak RSS of real steps). A node's budget is 85% of its memory (Ray's OOM monitor kills at 95%).
 """
@@ -102,8 +102,9 @@ def estimate(cfg, teacher_cfg, kernels: bool = False) -> Estimate:
     return Estimate(teacher=teacher_bytes, student=16 * s_params, activations=acts, logits=logits)
 
 
-def node_budgets(num_workers: int) -> list[tuple[str, int, int]]:
-    """(node, workers it may host, usable bytes) for the alive nodes of the Ray cluster (or this machine)."""
+def node_budgets(num_workers: int, use_gpu: bool = False) -> list[tuple[str, int, int]]:
+    """(node, workers it may host, usable bytes) for the alive nodes of the Ray cluster that can host a worker (a
+    CPU each, and a GPU each for ``use_gpu``), or this machine."""
     import psutil
 
     try:
@@ -117,9 +118,11 @@ def node_budgets(num_workers: int) -> list[tuple[str, int, int]]:
     out = []
     for nd in nodes:
         res = nd.get("Resources", {})
+        slots = min(num_workers, int(res.get("CPU", 0)), int(res.get("GPU", 0)) if use_gpu else num_workers)
+        if slots < 1:  # a head started with --num-cpus=0, a CPU node in a GPU run: never hosts a worker
+            continue
         total = int(res.get("memory", 0) + res.get("object_store_memory", 0)) or psutil.virtual_memory().total
-        out.append((nd.get("NodeManagerAddress", "?"), min(num_workers, int(res.get("CPU", 1))),
-                    int(total * NODE_FRACTION)))
+        out.append((nd.get("NodeManagerAddress", "?"), slots, int(total * NODE_FRACTION)))
     return out
 
 
@@ -130,7 +133,7 @@ def check_fits(cfg, teacher_cfg, concurrent_runs: int = 1) -> Estimate:
     est = estimate(cfg, teacher_cfg)
     tc = cfg.train
     host_need = est.total if not tc.use_gpu else est.teacher * 2 + est.student // 4 + est.runtime
-    for node, slots, budget in node_budgets(tc.num_workers * concurrent_runs):
+    for node, slots, budget in node_budgets(tc.num_workers * concurrent_runs, tc.use_gpu):
         need = host_need * slots
         if need > budget:
             per = budget // max(slots, 1)

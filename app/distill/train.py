@@ -1,19 +1,26 @@
-"""Distillation on Ray Train: a frozen teacher in each worker, the Mamba-2 student data-parallel (DDP or FSDP).
+"""Distillation on Ray Train: a frozen teacher in each worker, the student (hybrid or mamba2, ``student.py``)
+data-parallel (DDP or FSDP).
 
-``distill(cfg)`` (the driver): resolved config saved, data packed (``data.py``), optional teacher top-k cache
-(``cache.py``), then a ``TorchTrainer`` (Ray Train v2) runs ``train_loop`` on ``train.num_workers`` workers with
+``distill(cfg)`` (the driver): data packed (``data.py``), the plan, the memory estimate (``memory.py``), a rerun's
+settings checked against the checkpoints it would resume, the resolved config and the run key saved, optional
+teacher top-k cache (``cache.py``), then a ``TorchTrainer`` (Ray Train v2) runs ``train_loop`` on ``train.num_workers`` workers with
 ``FailureConfig(max_failures)``: a failed worker group restarts from the last checkpoint. The student is
 exported from the final checkpoint with the teacher's tokenizer (``save_pretrained``).
 
 Per step, worker ``rank`` reads its batch (``data.batch_rows``), runs the teacher without gradients (bf16 on
 GPU) for what the stage needs, and the student's loss for the stage (``losses.py``). Stages follow each
-other by token budget: align -> kd -> ce. The learning rate is a pure function of the step (linear warmup,
+other by token budget: align -> kd -> ce. Stage align is teacher-forced: forward hooks on the teacher's attention
+modules (``TeacherTaps``) give each Mamba-2 mixer its normed input and its target output. The learning rate is a
+pure function of the step (two segments, stage align at its own peak, then kd + ce; each with linear warmup and
 cosine to 10%), so a resumed run needs only the step, the weights and the optimizer state.
 
 Checkpoint (every ``train.checkpoint_every`` steps and at the end), written by rank 0:
     student/          save_pretrained of the student (config.json + model.safetensors)
-    optimizer.pt      the AdamW state (loaded with torch.load(weights_only=True))
-    state.json        step, tokens seen, stage: the data position is the step (batches are a function of it)
+    optimizer.pt      the AdamW state (loaded with torch.load(weights_only=True, map_location="cpu"): every rank
+                      restores to its own device, whatever device saved it)
+    loss_weights.safetensors   the learned log-variances (stages.weighting: auto)
+    state.json        step, tokens seen, stage (the data position is the step: batches are a function of it) and
+                      the run key (``run_key``): a checkpoint resumes only under the settings that made it
 Logs: one line per step on rank 0 (each loss part, lr, tokens/s), ``metrics.jsonl`` and TensorBoard
 (``tensorboard --logdir OUTPUT/tensorboard``) in the run directory.
 """
@@ -156,6 +163,26 @@ class TeacherTaps:
             h.remove()
 
 
+def _keep_xbc_bias_zero(student) -> None:
+    """The mixers' in_proj bias on x, B, C stays 0 through training (init.py: left padding stays exact): its
+    gradient is zeroed, so AdamW never moves it (decoupled weight decay of 0 is 0)."""
+    from app.distill.init import xbc_bias_slice
+    from app.distill.student import ssm_mixers
+
+    for mixer in ssm_mixers(student).values():
+        bias = mixer.in_proj.bias
+        if bias is None:
+            continue
+        sl = xbc_bias_slice(mixer)
+
+        def hook(grad, sl=sl):
+            grad = grad.clone()
+            grad[sl] = 0
+            return grad
+
+        bias.register_hook(hook)
+
+
 def _unwrap(model):
     return getattr(model, "module", model)
 
@@ -257,6 +284,7 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(module, parallel_strategy=tc.strategy,
                                           parallel_strategy_kwargs={"find_unused_parameters": unused}
                                           if tc.strategy == "ddp" else None)
+    _keep_xbc_bias_zero(student)
     decay = [p for n, p in model.named_parameters() if "log_vars" not in n]
     no_decay = [p for n, p in model.named_parameters() if "log_vars" in n]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
@@ -266,7 +294,11 @@ def train_loop(config: dict) -> None:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             opt_state = FSDP.optim_state_dict_to_load(model, opt, opt_state)
-        opt.load_state_dict(opt_state)
+        try:
+            opt.load_state_dict(opt_state)
+        except ValueError as e:  # e.g. a checkpoint of an older version (one parameter group)
+            raise RuntimeError(f"the checkpoint's optimizer state does not fit this run's optimizer ({e}); it was "
+                               "made by another version or setup: use a new output directory") from e
         opt_state = None
     train_rows = PackedRows(config["data"]["train"])
     eval_rows = PackedRows(config["data"]["eval"]) if config["data"]["eval"] else None
@@ -468,8 +500,11 @@ def run_key_diff(old: Optional[dict], new: dict) -> str:
 
 def _check_rerun(out: str, key: dict) -> None:
     """Refuse to continue a run in ``out`` whose checkpoints were made with other settings (nothing is touched)."""
+    import glob
+
     path = os.path.join(out, "run.json")
-    has_checkpoints = os.path.isdir(os.path.join(out, "ray", "train"))
+    # Ray Train v2 makes OUTPUT/ray/train as soon as a trainer starts: a run counts once it wrote a checkpoint
+    has_checkpoints = bool(glob.glob(os.path.join(out, "ray", "train", "checkpoint_*")))
     if not (has_checkpoints and os.path.isfile(path)):
         return
     with open(path) as f:
