@@ -9,7 +9,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast instead of retrying
 # Ray Train v2's controller polls its workers every 2 s by default: a finished run waits up to that long to be
 # seen, at every start and end of every fit and Tune trial (~2-4 s each, over 20 fits). The suite polls faster.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import pytest  # noqa: E402
 

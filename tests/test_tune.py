@@ -49,7 +49,7 @@ def _tune_sets(setup, out, samples=4):
             "distill.stages.kd_tokens=768", "distill.stages.align_tokens=0", "distill.stages.ce_tokens=0",
             "distill.train.num_workers=1", "distill.train.batch_size=4", "distill.train.eval_batches=2",
             "distill.train.warmup_steps=1", "distill.train.max_failures=1", "distill.student.init=random",
-            "space.align_share=null", "space.init=[attention, random]"]
+            "space.align_share=null", "space.init=[attention, random]", "space.attention_layers=['0', '1/2']"]
 
 
 def test_apply_params_splits_the_budget_in_whole_steps():
@@ -123,6 +123,7 @@ def test_a_sweep_interrupted_and_restored_finishes_every_trial_and_writes_a_vali
     want = apply_params(cfg.distill, best["params"])
     assert loaded.stages == want.stages and loaded.train.lr == pytest.approx(best["params"]["lr"])
     assert loaded.student.init == best["params"]["init"]
+    assert loaded.student.attention_layers == best["params"]["attention_layers"] in ("0", "1/2")
     assert sum((loaded.stages.align_tokens, loaded.stages.kd_tokens, loaded.stages.ce_tokens)) == 768
     with open(out / "trials.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
