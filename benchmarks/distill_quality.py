@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="per worker")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--docstrings", type=int, default=6000)
-    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--only", default="init,headline,ablations",
                     help="comma list of parts: init, headline, ablations (or single run names)")
     args = ap.parse_args()

@@ -79,13 +79,13 @@ def main() -> int:
     import torch
 
     from app.distill.student import build_student
-    from app.models import load_causal_lm
+    from app.models import load_causal_lm, plain_copy
     from app.refine.sample import collect_texts
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     lm = load_causal_lm(args.teacher)
-    teacher = lm.model.float().eval()
+    teacher = plain_copy(lm.model).float().eval()  # a GGUF-loaded model refuses .float()
     text = "\n\n".join(t for _, t in collect_texts())
     stream = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     while len(stream) < max(args.contexts):

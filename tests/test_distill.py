@@ -563,7 +563,8 @@ def test_memory_estimate_refuses_what_does_not_fit_and_names_what_to_lower(teach
     from app.distill.config import DistillConfig
     from transformers import LlamaConfig
 
-    from app.distill.memory import GiB, check_fits, estimate
+    from app.distill.memory import GiB, check_fits, estimate, param_count
+    from app.distill.student import build_student
 
     smol = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M's shape
@@ -578,3 +579,9 @@ def test_memory_estimate_refuses_what_does_not_fit_and_names_what_to_lower(teach
     assert kernels.activations < est.activations  # the kernels keep no chunk x chunk tensors
     tiny = load_config(DistillConfig, None, ["train.batch_size=4", "data.seq_len=32"])
     assert check_fits(tiny, teacher.model.config).total < 1 * GiB
+    # the parameter counts are exact: the models built on the meta device, as the real ones
+    assert param_count(teacher.model.config) == sum(p.numel() for p in teacher.model.parameters())
+    for arch, attention in (("hybrid", "1/2"), ("hybrid", "0"), ("mamba2", "0")):
+        c = load_config(DistillConfig, None, [f"student.arch={arch}", f"student.attention_layers={attention}"])
+        student, _ = build_student(teacher.model, arch, attention_layers=attention, shape=c.student.shape())
+        assert estimate(c, teacher.model.config).student == 16 * sum(p.numel() for p in student.parameters())

@@ -34,18 +34,13 @@ class DataConfig:
 
 def _attention_spec(value: Any) -> Optional[str]:
     """Why ``value`` is not a student.attention_layers spec (None: it is one)."""
-    from fractions import Fraction
+    from app.distill.student import parse_attention_layers
 
-    if isinstance(value, list):
-        ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
-        return None if ok else "a list must hold layer indices >= 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return "must be a fraction (0, 1/8, 1/4, 1/2, 1, ...) or a list of layer indices"
     try:
-        f = Fraction(value) if isinstance(value, str) else Fraction(value)
-    except (ValueError, ZeroDivisionError):
-        return f"cannot read {value!r} as a fraction"
-    return None if 0 <= f <= 1 else "a fraction must lie in [0, 1]"
+        parse_attention_layers(value)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 @dataclass

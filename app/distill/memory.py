@@ -23,6 +23,8 @@ the peak RSS of real steps). A node's budget is 85% of its memory (Ray's OOM mon
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass
 
@@ -52,47 +54,46 @@ class Estimate:
                 f"activations {g(self.activations)}, logits {g(self.logits)}, runtime {g(self.runtime)})")
 
 
-def _params(teacher_cfg) -> int:
-    """Parameter count of the teacher's architecture, without building it (embeddings counted once if tied)."""
-    d, layers, inter, vocab = (teacher_cfg.hidden_size, teacher_cfg.num_hidden_layers, teacher_cfg.intermediate_size,
-                               teacher_cfg.vocab_size)
-    heads = teacher_cfg.num_attention_heads
-    kv = getattr(teacher_cfg, "num_key_value_heads", None) or heads
-    hd = getattr(teacher_cfg, "head_dim", None) or d // heads
-    per_layer = d * hd * (2 * heads + 2 * kv) + 3 * d * inter + 2 * d
-    tied = bool(getattr(teacher_cfg, "tie_word_embeddings", False))
-    return layers * per_layer + vocab * d * (1 if tied else 2) + d
+@functools.lru_cache(maxsize=32)
+def _count(model_type: str, config_json: str) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **json.loads(config_json))
+    with torch.device("meta"):  # shapes only: no memory, no init work
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+
+
+def param_count(model_cfg) -> int:
+    """The exact parameter count of the causal LM ``model_cfg`` describes (a transformers config): the model is
+    built on the meta device, so nothing is allocated."""
+    d = model_cfg.to_dict()
+    return _count(d.pop("model_type"), json.dumps(d, sort_keys=True, default=str))
 
 
 def estimate(cfg, teacher_cfg, kernels: bool = False) -> Estimate:
     """The per-worker estimate of DistillConfig ``cfg`` for a teacher with config ``teacher_cfg``; ``kernels``: the
     mamba-ssm kernels run the scan (CUDA with mamba-ssm installed)."""
-    from app.distill.student import attention_layer_indices
-    from app.distill.student import student_config
+    from app.distill.student import attention_layer_indices, hybrid_config, student_config
 
     sc, tc = cfg.student, cfg.train
     d, layers, inter, vocab = (teacher_cfg.hidden_size, teacher_cfg.num_hidden_layers, teacher_cfg.intermediate_size,
                                teacher_cfg.vocab_size)
-    t_params = _params(teacher_cfg)
-    teacher_bytes = t_params * (2 if tc.use_gpu else 4)
+    teacher_bytes = param_count(teacher_cfg) * (2 if tc.use_gpu else 4)
     chunk = sc.chunk_size
     if sc.arch == "hybrid":
-        n_attn = len(attention_layer_indices(sc.attention_layers, layers))
-        heads = teacher_cfg.num_attention_heads
-        hd = d // heads
-        p, n, width = hd, hd, d
-        mixer_params = d * (2 * d + 2 * heads * n + heads) + (d + 2 * heads * n) * (sc.conv_kernel + 1) + 3 * heads + d * d + d
-        attn_params = d * hd * (2 * heads + 2 * (getattr(teacher_cfg, "num_key_value_heads", None) or heads))
-        s_params = t_params + (layers - n_attn) * (mixer_params - attn_params)
+        attn = attention_layer_indices(sc.attention_layers, layers)
+        scfg = hybrid_config(teacher_cfg, attn, sc.conv_kernel, chunk)
+        n_attn, width = len(attn), d
+        heads, p, n = scfg.mamba_n_heads, scfg.mamba_d_head, scfg.mamba_d_state
         mlp = 4 * inter + 2 * d
     else:
         scfg = student_config(teacher_cfg, sc.shape())
         n_attn, layers, width = 0, scfg.num_hidden_layers, scfg.hidden_size
         heads, p, n = scfg.num_heads, scfg.head_dim, scfg.state_size
-        di = scfg.expand * width
-        s_params = scfg.vocab_size * width * (1 if scfg.tie_word_embeddings else 2) + layers * (
-            width * (2 * di + 2 * scfg.n_groups * n + heads) + di * width + (di + 2 * scfg.n_groups * n) * (scfg.conv_kernel + 1))
         mlp = 0
+    s_params = param_count(scfg)
     mamba = 14 * width + (0 if kernels else 20 * chunk * heads + 8 * heads * p * n // chunk)
     per_token = layers * (6 * width + mlp) + n_attn * 6 * width + (layers - n_attn) * mamba
     teacher_fwd = 6 * d + 4 * inter + 2 * d * layers  # one layer's transient + the taps

@@ -18,14 +18,13 @@ transformers runs them on their kernels (its torch path otherwise).
 Generation with a cache: transformers 5.24 cannot generate from a Bamba model with *no* attention layer (its
 causal-mask code asks the cache for its length, which only attention layers track). ``generation_cache(model)``
 returns the cache to pass (``model.generate(..., cache=generation_cache(model))``); for such a model it is a
-``DynamicCache`` that counts the tokens itself. Students without attention are saved with ``use_cache: false``
-so that a plain forward does not build the default cache either, and with ``use_cache: true`` in their
-generation config, so that ``generate`` feeds one token per step.
+``DynamicCache`` that counts the tokens itself (``app/distill/recurrent.py``). Students without attention are
+saved with ``use_cache: false`` so that a plain forward does not build the default cache either, and with
+``use_cache: true`` in their generation config, so that ``generate`` feeds one token per step.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from fractions import Fraction
@@ -58,22 +57,39 @@ class StudentShape:
     chunk_size: int = 64
 
 
-def attention_layer_indices(spec: Union[float, str, Sequence[int], None], num_layers: int) -> list[int]:
-    """The teacher layers whose attention the hybrid keeps. ``spec``: a fraction f in [0, 1] (as a number or a
-    string such as "1/4"), evenly spaced as MambaInLlama places them: for f = 1/k, layers k-1, 2k-1, ... (1/4 of
-    30 layers keeps 3, 7, ..., 27); otherwise round(f * L) layers at floor((j + 1) L / n) - 1. Or a list of
-    layer indices."""
+def parse_attention_layers(spec: Union[float, str, Sequence[int], None]) -> Union[Fraction, list[int]]:
+    """``student.attention_layers`` read: a Fraction in [0, 1] (from a number or a string such as "1/4"; None is
+    0) or the sorted list of layer indices (each an int >= 0). ValueError says why ``spec`` is neither."""
     if spec is None:
-        return []
+        return Fraction(0)
     if isinstance(spec, (list, tuple)):
-        idx = sorted({int(i) for i in spec})
-        bad = [i for i in idx if not 0 <= i < num_layers]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
+            raise ValueError(f"a list must hold layer indices >= 0, got {list(spec)}")
+        return sorted(set(spec))
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise ValueError(f"must be a fraction (0, 1/8, 1/4, 1/2, 1, ...) or a list of layer indices, got {spec!r}")
+    try:
+        f = Fraction(spec.strip()) if isinstance(spec, str) else Fraction(spec).limit_denominator(1000)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"cannot read {spec!r} as a fraction") from None
+    if not 0 <= f <= 1:
+        raise ValueError(f"a fraction must lie in [0, 1], got {spec}")
+    return f
+
+
+def attention_layer_indices(spec: Union[float, str, Sequence[int], None], num_layers: int) -> list[int]:
+    """The teacher layers whose attention the hybrid keeps. ``spec`` (see ``parse_attention_layers``): a fraction f,
+    evenly spaced as MambaInLlama places them: for f = 1/k, layers k-1, 2k-1, ... (1/4 of 30 layers keeps 3, 7, ...,
+    27); otherwise round(f * L) layers at floor((j + 1) L / n) - 1. Or a list of layer indices below L."""
+    try:
+        f = parse_attention_layers(spec)
+    except ValueError as e:
+        raise ValueError(f"student.attention_layers: {e}") from None
+    if isinstance(f, list):
+        bad = [i for i in f if i >= num_layers]
         if bad:
             raise ValueError(f"student.attention_layers: {bad} outside 0..{num_layers - 1}")
-        return idx
-    f = Fraction(str(spec)) if isinstance(spec, str) else Fraction(spec).limit_denominator(1000)
-    if not 0 <= f <= 1:
-        raise ValueError(f"student.attention_layers: fraction {spec} outside [0, 1]")
+        return f
     if f == 0:
         return []
     if f.numerator == 1:
@@ -281,41 +297,7 @@ def generation_cache(model):
     ``RecurrentCache`` for a Bamba model without attention layers (see the module doc); None (generate makes its
     own default) for every other model."""
     if model.config.model_type == "bamba" and not has_attention(model):
-        return RecurrentCache(model.config)
+        from app.distill.recurrent import RecurrentCache
+
+        return RecurrentCache(config=model.config)
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _recurrent_cache_class():
-    from transformers import DynamicCache
-
-    class RecurrentCache(DynamicCache):
-        """A DynamicCache for a model whose layers are all linear attention (Mamba-2): it has no attention layer to
-        hold the sequence length, so it counts the tokens itself. transformers asks every forward's mask sizes
-        exactly once, before the layers run, with that forward's query length (``get_mask_sizes``); the decode path
-        updates the SSM and conv states in place, so this is the one call that sees every forward."""
-
-        def __init__(self, config):
-            super().__init__(config=config)
-            self.seen_tokens = 0
-
-        def get_seq_length(self, layer_idx: int = 0) -> int:
-            return self.seen_tokens
-
-        def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-            kv = self.seen_tokens + query_length
-            self.seen_tokens = kv
-            return kv, 0
-
-        def reset(self) -> None:
-            super().reset()
-            self.seen_tokens = 0
-
-        def crop(self, max_length: int) -> None:
-            raise NotImplementedError("a recurrent state cannot be cropped")
-
-    return RecurrentCache
-
-
-def RecurrentCache(config):  # noqa: N802 (a factory: transformers is imported only when one is made)
-    return _recurrent_cache_class()(config)

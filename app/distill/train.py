@@ -100,7 +100,8 @@ def _module():
             super().__init__()
             self.student = student
             self.chunk_tokens = chunk_tokens
-            self.mixer_layers = sorted(ssm_mixers(student))
+            self.mixers = ssm_mixers(student)  # {layer: mixer}, a plain dict (the modules are the student's)
+            self.mixer_layers = sorted(self.mixers)
             self.auto = auto
             # s_i of the auto weighting: one per mixer in stage align, (KD, CE) in stage kd
             self.log_vars = nn.ParameterDict({"align": nn.Parameter(torch.zeros(max(1, len(self.mixer_layers)))),
@@ -108,8 +109,8 @@ def _module():
 
         def forward(self, input_ids, labels, mask, stage: str, w: dict, teacher: dict):
             if stage == "align":  # each mixer on the teacher's normed input to its layer, against the attention output
-                mixers = ssm_mixers(self.student)
-                parts = torch.stack([align_loss(mixers[i](teacher["attn_inputs"][i]), teacher["attn_outputs"][i], mask)
+                ins, outs = teacher["attn_inputs"], teacher["attn_outputs"]
+                parts = torch.stack([align_loss(self.mixers[i](ins[i]), outs[i], mask)
                                      for i in self.mixer_layers])  # (n_mixers,)
                 align = parts.mean()
                 loss = uncertainty_weighted(parts, self.log_vars["align"]) if self.auto else w["align_weight"] * align
@@ -458,13 +459,14 @@ def absolute_paths(cfg):
 @dataclass
 class Prepared:
     """What ``prepare`` makes once per run (or once per Tune sweep): the run's config with absolute paths, the
-    packed data, the plan and the teacher's top-k cache (or None)."""
+    packed data, the plan, the teacher's top-k cache (or None), the run key and the teacher's model config."""
 
     cfg: object
     packed: object
     plan: Plan
     topk: Optional[dict]
     key: dict
+    teacher_cfg: object = None
 
 
 def run_key(cfg, packed, plan: Plan) -> dict:
@@ -560,7 +562,7 @@ def prepare(cfg) -> Prepared:
 
         topk = teacher_topk_cache(cfg, packed, out)
     log.info("plan: %s steps (%d tokens per step, %d workers)", plan.steps, plan.tokens_per_step, tc.num_workers)
-    return Prepared(cfg, packed, plan, topk, key)
+    return Prepared(cfg, packed, plan, topk, key, teacher_cfg)
 
 
 def trainer(prep: Prepared, callbacks: tuple = ()):

@@ -124,17 +124,15 @@ def trial_concurrency(explicit, train_cfg) -> int:
     return max(1, int(have // train_cfg.num_workers))
 
 
-def memory_concurrency(cfg, wanted: int, explicit: bool, choices=None) -> int:
+def memory_concurrency(cfg, teacher_cfg, wanted: int, explicit: bool, choices=None) -> int:
     """How many trials of ``cfg`` may run at once by memory (``wanted`` by CPUs/GPUs or as asked): the largest
     that fits every node's budget (app/distill/memory.py). An explicit ``max_concurrent_trials`` that does not fit
     is refused; the automatic one is lowered, and the log says so. ``choices``: the searched attention layers
     (every one is checked; the stage split does not change the peak, which is stage kd's)."""
     from app.distill.memory import check_fits
-    from app.models import load_model_config
 
     if not cfg.train.memory_check:
         return wanted
-    teacher_cfg = load_model_config(cfg.teacher)
     variants = [cfg]
     for choice in choices or []:  # each searched student: the biggest must fit
         v = copy.deepcopy(cfg)
@@ -175,7 +173,8 @@ def tune_distill(tcfg) -> dict:
         yaml.safe_dump(to_dict(tcfg), f, sort_keys=False)
     prep = prepare(base)  # pack the data and compute the top-k cache once, for every trial
     total_steps = prep.plan.total
-    concurrency = memory_concurrency(base, trial_concurrency(tcfg.max_concurrent_trials, tcfg.distill.train),
+    concurrency = memory_concurrency(base, prep.teacher_cfg,
+                                     trial_concurrency(tcfg.max_concurrent_trials, tcfg.distill.train),
                                      explicit=bool(tcfg.max_concurrent_trials), choices=tcfg.space.attention_layers)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=to_dict(base), root=out, report_every=tcfg.report_every), DRIVER_RESOURCES)
