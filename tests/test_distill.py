@@ -3,6 +3,7 @@ init, and Ray Train runs (2 workers, CPU) with a tiny Llama teacher: losses fall
 the same next-step loss, the exported student reloads and generates."""
 
 import json
+import math
 import os
 
 import pytest
@@ -285,7 +286,7 @@ def corpus(tmp_path_factory):
     return str(root), str(tmp_path_factory.mktemp("cache"))
 
 
-def _cfg(teacher_dir, corpus, out, attention="1/2", **train):
+def _cfg(teacher_dir, corpus, out, attention="1/2", weighting="fixed", **train):
     from app.config import load_config
     from app.distill.config import DistillConfig
 
@@ -294,7 +295,7 @@ def _cfg(teacher_dir, corpus, out, attention="1/2", **train):
             "data.seq_len=32", "data.eval_fraction=0.1", "stages.align_tokens=512", "stages.kd_tokens=1536",
             "stages.ce_tokens=512", "stages.kd_ce_weight=0.2", "train.batch_size=4", "train.num_workers=2",
             "train.lr=3e-4", "stages.align_lr=1e-3", "train.warmup_steps=2", "train.checkpoint_every=4",
-            "train.eval_batches=2", f"student.attention_layers={attention}"]
+            "train.eval_batches=2", f"student.attention_layers={attention}", f"stages.weighting={weighting}"]
     sets += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(DistillConfig, None, sets)
 
@@ -306,11 +307,12 @@ def _metrics(out):
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, teacher, corpus, tmp_path_factory):
-    """The hybrid student keeping half the attention layers (layer 1 of 2), align + kd + ce."""
+    """The hybrid student keeping half the attention layers (layer 1 of 2), align + kd + ce, loss weights auto (the
+    learned log-variances travel in the checkpoints: the resume test below needs them back)."""
     from app.distill.train import distill
 
     out = str(tmp_path_factory.mktemp("run"))
-    result = distill(_cfg(teacher.reference, corpus, out))
+    result = distill(_cfg(teacher.reference, corpus, out, weighting="auto"))
     return out, result
 
 
@@ -324,6 +326,10 @@ def test_distill_on_ray_train_losses_fall_and_student_exports(uninterrupted, tea
     kd = [r["kd"] for r in m if r["stage"] == "kd"]
     assert kd[-1] < kd[0], kd
     assert m[1]["align"] < m[0]["align"]
+    # weighting auto: stage kd's log-variances start at log of its first batch's terms (weights 1/KD and 1/CE),
+    # then one AdamW step of stages.auto_lr (0.02) moves each by at most about that much
+    first = next(r for r in m if r["stage"] == "kd")
+    assert abs(math.log(first["w_kd"] * first["kd"])) < 0.021 and abs(math.log(first["w_ce"] * first["ce"])) < 0.021
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in m)
     assert result["eval_student_ppl"] > 0 and result["eval_teacher_ppl"] > 0 and result["eval_tokens"] > 0
     assert os.listdir(os.path.join(out, "tensorboard"))
@@ -365,7 +371,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint_with_the_same_losses(uni
 
     ref = {r["step"]: r for r in _metrics(uninterrupted[0]) if "loss" in r}
     out = str(tmp_path / "run")
-    result = distill(_cfg(teacher.reference, corpus, out, debug_fail_at_step=5, max_failures=1))
+    result = distill(_cfg(teacher.reference, corpus, out, weighting="auto", debug_fail_at_step=5, max_failures=1))
     assert os.path.exists(os.path.join(out, ".debug_failed"))  # the failure did happen
     events = _metrics(out)
     resumed = [i for i, r in enumerate(events) if r.get("event") == "resumed"]
@@ -517,6 +523,7 @@ def test_align_stage_loss_and_gradients_match_a_plain_reference(teacher, auto):
         h0 = t.model.embed_tokens(x)
         assert torch.allclose(ins[0], t.model.layers[0].input_layernorm(h0), atol=1e-6)
     out = mod(x, None, mask, "align", {"align_weight": 1.5}, {"attn_inputs": ins, "attn_outputs": outs})
+    raw = mod(x, None, mask, "align", {}, {"attn_inputs": ins, "attn_outputs": outs}, raw=True)["terms"]
     out["loss"].backward()
     got = {n: p.grad.clone() for n, p in mod.named_parameters() if p.grad is not None}
     assert got and all(".mamba." in n or "log_vars" in n for n in got), sorted(got)
@@ -526,6 +533,7 @@ def test_align_stage_loss_and_gradients_match_a_plain_reference(teacher, auto):
     ref = uncertainty_weighted_ref(parts, mod.log_vars["align"]) if auto else 1.5 * sum(parts) / 2
     ref.backward()
     assert torch.allclose(out["loss"], ref, atol=1e-6) and torch.allclose(out["align"], sum(parts) / 2, atol=1e-6)
+    assert torch.allclose(raw, torch.stack(parts), atol=1e-6)  # what the auto weighting's start reads
     for n, p in mod.named_parameters():
         if n in got:
             assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-4), n

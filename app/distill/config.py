@@ -110,7 +110,11 @@ class StagesConfig:
     weighting: Literal["fixed", "auto"] = "fixed"
     """How a stage's loss terms are combined. fixed: the weights below; auto: learned uncertainty weights
     (Kendall et al. 2018), sum_i exp(-s_i) L_i + s_i over the stage's terms (align: one per mixer; kd: KD and
-    CE), s_i trained with the student. The fixed weights are then unused."""
+    CE). Each s_i starts at the log of its term on the stage's first batch (weights 1 / L_i) and trains with the
+    student at ``auto_lr``. The fixed weights are then unused."""
+    auto_lr: float = 0.02
+    """weighting auto: the constant learning rate of the log-variances s_i (AdamW moves each by about this much a
+    step, so they follow losses that change by a few percent a step)."""
     align_weight: float = 1.0
     """Weight of the alignment loss in stage align (fixed weighting)."""
     kd_weight: float = 1.0
@@ -131,6 +135,7 @@ class StagesConfig:
         for k in ("align_weight", "kd_weight", "kd_ce_weight"):
             _check(getattr(self, k) >= 0, f"stages.{k}", "must be >= 0")
         _check(self.align_lr is None or self.align_lr > 0, "stages.align_lr", "must be > 0 or null")
+        _check(self.auto_lr > 0, "stages.auto_lr", "must be > 0")
 
 
 @dataclass

@@ -107,11 +107,14 @@ def _module():
             self.log_vars = nn.ParameterDict({"align": nn.Parameter(torch.zeros(max(1, len(self.mixer_layers)))),
                                               "kd": nn.Parameter(torch.zeros(2))}) if auto else None
 
-        def forward(self, input_ids, labels, mask, stage: str, w: dict, teacher: dict):
+        def forward(self, input_ids, labels, mask, stage: str, w: dict, teacher: dict, raw: bool = False):
+            """The stage's loss and its parts; ``raw``: only {"terms": the terms the auto weighting combines}."""
             if stage == "align":  # each mixer on the teacher's normed input to its layer, against the attention output
                 ins, outs = teacher["attn_inputs"], teacher["attn_outputs"]
                 parts = torch.stack([align_loss(self.mixers[i](ins[i]), outs[i], mask)
                                      for i in self.mixer_layers])  # (n_mixers,)
+                if raw:
+                    return {"terms": parts}
                 align = parts.mean()
                 loss = uncertainty_weighted(parts, self.log_vars["align"]) if self.auto else w["align_weight"] * align
                 return {"loss": loss, "align": align.detach()}
@@ -121,6 +124,8 @@ def _module():
                 kd, ce = kd_ce_loss(h, head, mask, labels, teacher_hidden=teacher.get("hidden"),
                                     teacher_head=teacher.get("head"), teacher_topk=teacher.get("topk"),
                                     temperature=w["temperature"], chunk_tokens=self.chunk_tokens)
+                if raw:
+                    return {"terms": torch.stack([kd, ce])}
                 if self.auto:
                     loss = uncertainty_weighted(torch.stack([kd, ce]), self.log_vars["kd"])
                 else:
@@ -182,6 +187,22 @@ def _keep_xbc_bias_zero(student) -> None:
             return grad
 
         bias.register_hook(hook)
+
+
+def _start_log_vars(model, batch: tuple, log_vars) -> None:
+    """At the first step of a stage (weighting auto): s_i = log L_i of this batch's terms, averaged over the ranks,
+    the minimum of exp(-s) L + s for the current losses. The weights then start at 1 / L_i (every term at the same
+    scale) and follow the losses as they fall, instead of creeping from s = 0. A pure function of the weights and
+    the step's batch, so a run resumed at this step starts its stage the same way."""
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        terms = model(*batch, raw=True)["terms"].detach().double()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(terms)
+            terms /= dist.get_world_size()
+        log_vars.copy_(terms.clamp_min(1e-8).log().to(log_vars.dtype))
 
 
 def _unwrap(model):
@@ -250,7 +271,8 @@ def train_loop(config: dict) -> None:
     student, _ = build_student(teacher.model if teacher else load_model_config(cfg.teacher), cfg.student.arch,
                                attention_layers=cfg.student.attention_layers, shape=cfg.student.shape(),
                                init=cfg.student.init, conv_init=cfg.student.conv_init, seed=tc.seed)
-    module = _module()(student, tc.kd_chunk_tokens, sc.weighting == "auto")
+    auto = sc.weighting == "auto"
+    module = _module()(student, tc.kd_chunk_tokens, auto)
     start, tokens_seen = 0, 0
     ckpt = ray.train.get_checkpoint()
     opt_state = None
@@ -287,9 +309,10 @@ def train_loop(config: dict) -> None:
                                           if tc.strategy == "ddp" else None)
     _keep_xbc_bias_zero(student)
     decay = [p for n, p in model.named_parameters() if "log_vars" not in n]
-    no_decay = [p for n, p in model.named_parameters() if "log_vars" in n]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
-                            weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+    log_vars = [p for n, p in model.named_parameters() if "log_vars" in n]
+    # the log-variances: no weight decay, their own constant learning rate (the stage schedule is the student's)
+    opt = torch.optim.AdamW([{"params": decay}, {"params": log_vars, "weight_decay": 0.0, "lr": sc.auto_lr}],
+                            lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
     if opt_state is not None:
         if tc.strategy == "fsdp":
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -363,8 +386,7 @@ def train_loop(config: dict) -> None:
             taps.remove()
             taps = None
         lr = stage_lr(step, plan, tc.lr, sc.align_lr, tc.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        opt.param_groups[0]["lr"] = lr
         rows = batch_rows(step, rank, world, tc.batch_size, train_rows.rows, tc.seed)
         ids = torch.from_numpy(train_rows.take(rows)).to(device)
         x, y = ids[:, :-1], ids[:, 1:]
@@ -394,6 +416,8 @@ def train_loop(config: dict) -> None:
                     log.warning("debug_fail_at_step: killing this worker (pid %d) at step %d", os.getpid(), step)
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"debug_fail_at_step: failing once at step {step}")
+        if auto and stage != "ce" and (step == 0 or plan.stage_at(step - 1) != stage):
+            _start_log_vars(model, (x, y, mask, stage, loss_w, teach), _unwrap(model).log_vars[stage])
         parts = model(x, y, mask, stage, loss_w, teach)
         parts["loss"].backward()
         if tc.grad_clip > 0:  # FSDP's own clip: the norm over every shard
@@ -411,6 +435,9 @@ def train_loop(config: dict) -> None:
         metrics = {"step": step + 1, "stage": stage, "loss": float(vals[0]), "lr": lr, "tokens": tokens_seen,
                    "tokens_per_s": plan.tokens_per_step / max(now - t_last, 1e-9)}
         metrics.update({k: float(v) for k, v in zip(("align", "kd", "ce"), vals[1:]) if not math.isnan(float(v))})
+        if auto and stage == "kd":  # the weights the auto weighting gives KD and CE now, exp(-s)
+            w_kd, w_ce = torch.exp(-_unwrap(model).log_vars["kd"].detach()).tolist()
+            metrics.update({"w_kd": w_kd, "w_ce": w_ce})
         t_last = now
         last = step + 1 == plan.total
         if (tc.eval_every and (step + 1) % tc.eval_every == 0) or last:
@@ -537,6 +564,9 @@ def prepare(cfg) -> Prepared:
     plan = Plan.make(cfg.stages, tc.num_workers * tc.batch_size * cfg.data.seq_len)
     if tc.strategy == "fsdp" and plan.steps["align"]:
         raise ValueError("stage align needs train.strategy: ddp (FSDP shards the layers it calls one by one)")
+    if tc.strategy == "fsdp" and cfg.stages.weighting == "auto":
+        raise ValueError("stages.weighting: auto needs train.strategy: ddp (its log-variances are set in place at "
+                         "each stage's start, which FSDP's flattened shards do not allow)")
     teacher_cfg = load_model_config(cfg.teacher)
     if plan.steps["align"] and cfg.student.arch == "hybrid":
         from app.distill.student import attention_layer_indices
