@@ -141,14 +141,19 @@ def init_losses(teacher: str, packed_root: str, rows: int = 8) -> dict:
     return out
 
 
-def run_all(runs: dict, common: list, work: str, results: dict, path: str) -> None:
-    """Each run of ``runs`` (name -> overrides) not in ``results`` yet; results saved after each."""
+def run_all(runs: dict, common: list, work: str, everything: dict, path: str) -> None:
+    """Each run of ``runs`` (name -> overrides) not in ``everything["runs"]`` yet; the whole results file
+    (``everything``) saved after each."""
     from app.config import load_config
     from app.distill.config import DistillConfig
     from app.distill.train import distill
 
+    results = everything.setdefault("runs", {})
     for name, sets in runs.items():
         if name in results:
+            if results[name].get("common", common) != common:
+                raise SystemExit(f"{name}: done before with other shared settings ({results[name]['common']}); use "
+                                 "another --work, or delete the entry and runs/<name>")
             print(f"{name}: done before, ppl {results[name]['eval_student_ppl']:.1f}", flush=True)
             continue
         out = os.path.join(work, "runs", name.replace("/", "_").replace(" ", "_"))
@@ -156,13 +161,13 @@ def run_all(runs: dict, common: list, work: str, results: dict, path: str) -> No
         res = distill(load_config(DistillConfig, None, common + sets + [f"output={out}"]))
         results[name] = {"eval_student_ppl": res["eval_student_ppl"], "eval_teacher_ppl": res["eval_teacher_ppl"],
                          "tokens": res["tokens"], "steps": res["step"], "seconds": time.perf_counter() - t0,
-                         "eval_tokens": res["eval_tokens"], "overrides": sets}
+                         "eval_tokens": res["eval_tokens"], "overrides": sets, "common": common}
         r = results[name]
         print(f"{name:28s} student ppl {r['eval_student_ppl']:10.2f} = {r['eval_student_ppl'] / r['eval_teacher_ppl']:.2f}x "
               f"the teacher's {r['eval_teacher_ppl']:.2f} ({r['tokens']} tokens, {r['seconds']:.0f} s, "
               f"{r['tokens'] / r['seconds']:.0f} tok/s)", flush=True)
         with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(everything, f, indent=1)
 
 
 def recipe(tokens: int, align_share: float) -> list:
@@ -230,8 +235,8 @@ def main() -> None:
     if "ablations" in parts:
         chosen.update(ablations)
     chosen.update({k: v for k, v in {**headline, **ablations}.items() if k in parts})
-    runs = results.setdefault("runs", {})
-    run_all(chosen, common, args.work, runs, path)
+    run_all(chosen, common, args.work, results, path)
+    runs = results["runs"]
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print("\nrun                          student ppl   x teacher")

@@ -70,7 +70,7 @@ def parse_attention_layers(spec: Union[float, str, Sequence[int], None]) -> Unio
         raise ValueError(f"must be a fraction (0, 1/8, 1/4, 1/2, 1, ...) or a list of layer indices, got {spec!r}")
     try:
         f = Fraction(spec.strip()) if isinstance(spec, str) else Fraction(spec).limit_denominator(1000)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise ValueError(f"cannot read {spec!r} as a fraction") from None
     if not 0 <= f <= 1:
         raise ValueError(f"a fraction must lie in [0, 1], got {spec}")

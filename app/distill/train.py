@@ -324,6 +324,7 @@ def train_loop(config: dict) -> None:
             raise RuntimeError(f"the checkpoint's optimizer state does not fit this run's optimizer ({e}); it was "
                                "made by another version or setup: use a new output directory") from e
         opt_state = None
+        opt.param_groups[1].update(lr=sc.auto_lr, weight_decay=0.0)  # the loaded state carries the saved values
     train_rows = PackedRows(config["data"]["train"])
     eval_rows = PackedRows(config["data"]["eval"]) if config["data"]["eval"] else None
     topk_reader = None
@@ -416,10 +417,13 @@ def train_loop(config: dict) -> None:
                     log.warning("debug_fail_at_step: killing this worker (pid %d) at step %d", os.getpid(), step)
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"debug_fail_at_step: failing once at step {step}")
-        if auto and stage != "ce" and (step == 0 or plan.stage_at(step - 1) != stage):
+        starts = auto and stage != "ce" and (step == 0 or plan.stage_at(step - 1) != stage)
+        if starts:
             _start_log_vars(model, (x, y, mask, stage, loss_w, teach), _unwrap(model).log_vars[stage])
         parts = model(x, y, mask, stage, loss_w, teach)
         parts["loss"].backward()
+        if starts:  # they sit at their optimum for this batch: their gradient is rounding noise, not a step to take
+            _unwrap(model).log_vars[stage].grad = None
         if tc.grad_clip > 0:  # FSDP's own clip: the norm over every shard
             (model.clip_grad_norm_(tc.grad_clip) if tc.strategy == "fsdp"
              else torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
@@ -493,7 +497,7 @@ class Prepared:
     plan: Plan
     topk: Optional[dict]
     key: dict
-    teacher_cfg: object = None
+    teacher_cfg: object
 
 
 def run_key(cfg, packed, plan: Plan) -> dict:
@@ -502,7 +506,9 @@ def run_key(cfg, packed, plan: Plan) -> dict:
 
     return {"teacher": cfg.teacher, "data": packed.root, "plan": plan.__dict__, "num_workers": cfg.train.num_workers,
             "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "weighting": cfg.stages.weighting,
-            "student": to_dict(cfg.student)}
+            "student": to_dict(cfg.student),
+            # auto: the log-variances start at each stage's log L and train at auto_lr (earlier: from 0, at lr)
+            **({"auto": {"start": "log-terms", "lr": cfg.stages.auto_lr}} if cfg.stages.weighting == "auto" else {})}
 
 
 def run_key_diff(old: Optional[dict], new: dict) -> str:
