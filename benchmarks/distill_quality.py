@@ -12,9 +12,10 @@ refined real text, CPU-sized.
 5. ``headline``: the default recipe (stage align on a third of the tokens, then kd) at ``--tokens`` for the
    hybrid students keeping 1/2, 1/4 and 0 of the attention layers. Targets: 1/2 <= 3x the teacher's
    perplexity, 1/4 <= 5x, 0 <= 10x.
-6. ``ablations`` at ``--ablation-tokens``, side by side: today's pure mamba2 student (kd); per ratio the
-   default recipe, the random mixer init, kd alone; at 1/4 auto weighting and fixed kd_ce_weight 0 (the
-   default), 0.2 and 1.0; the conv at its default init.
+6. ``ablations`` at ``--ablation-tokens``, side by side: today's pure mamba2 student (kd only, as before);
+   at 1/4 a study of the recipe, run with kd_ce_weight 0 (the default then): the random mixer init, kd alone,
+   the conv at its default init; fixed kd_ce_weight 0, 0.2, 1.0, 2.0 against auto weighting. At 1/2 and 0 the
+   default recipe (kd_ce_weight 1.0, the study's choice) against the random mixer init; at 0 kd alone too.
 Runs go through ``jobs/distill.py``'s function (2 Ray Train workers); results accumulate in
 ``--work/distill_quality.json`` (a finished run is not rerun; ``--only`` picks parts or single run names).
 """
@@ -216,19 +217,26 @@ def main() -> None:
     H, A = args.tokens, args.ablation_tokens
     headline = {f"hybrid {r} @{H}": [f"student.attention_layers={r}", *recipe(H, args.align_share)]
                 for r in ("1/2", "1/4", "0")}
-    ablations = {"mamba2 (today's student) kd @%d" % A: ["student.arch=mamba2", "student.attention_layers=0",
-                                                         "train.lr=2e-3", *recipe(A, 0.0)]}
-    for r in ("1/2", "1/4", "0"):
-        ablations[f"hybrid {r} @{A}"] = [f"student.attention_layers={r}", *recipe(A, args.align_share)]
+    S = args.align_share
+    # today's student as it was trained before issue 18: kd only (kd_ce_weight 0), at its own lr
+    ablations = {f"mamba2 (today's student) kd @{A}": ["student.arch=mamba2", "student.attention_layers=0",
+                                                       "train.lr=2e-3", "stages.kd_ce_weight=0.0", *recipe(A, 0.0)]}
+    # the 1/4 study, with kd_ce_weight 0 (the default when it ran) unless it is what varies
+    q = ["student.attention_layers=1/4"]
+    a0 = [*q, "stages.kd_ce_weight=0.0"]
+    ablations[f"hybrid 1/4 kd_ce_weight 0 @{A}"] = [*a0, *recipe(A, S)]
+    ablations[f"hybrid 1/4 kd_ce_weight 0 random-init @{A}"] = [*a0, "student.init=random", *recipe(A, S)]
+    ablations[f"hybrid 1/4 kd_ce_weight 0 kd-only @{A}"] = [*a0, *recipe(A, 0.0)]
+    ablations[f"hybrid 1/4 kd_ce_weight 0 conv-default @{A}"] = [*a0, "student.conv_init=default", *recipe(A, S)]
+    for w in ("0.2", "1.0", "2.0"):
+        ablations[f"hybrid 1/4 kd_ce_weight {w} @{A}"] = [*q, f"stages.kd_ce_weight={w}", *recipe(A, S)]
+    ablations[f"hybrid 1/4 auto @{A}"] = [*q, "stages.weighting=auto", *recipe(A, S)]
+    # the other ratios at the default recipe (kd_ce_weight 1.0, chosen by the study)
+    for r in ("1/2", "0"):
+        ablations[f"hybrid {r} @{A}"] = [f"student.attention_layers={r}", *recipe(A, S)]
         ablations[f"hybrid {r} random-init @{A}"] = [f"student.attention_layers={r}", "student.init=random",
-                                                     *recipe(A, args.align_share)]
-        ablations[f"hybrid {r} kd-only @{A}"] = [f"student.attention_layers={r}", *recipe(A, 0.0)]
-    ablations[f"hybrid 1/4 auto @{A}"] = ["student.attention_layers=1/4", "stages.weighting=auto", *recipe(A, args.align_share)]
-    for w in ("0.2", "1.0"):
-        ablations[f"hybrid 1/4 kd_ce_weight {w} @{A}"] = ["student.attention_layers=1/4", f"stages.kd_ce_weight={w}",
-                                                          *recipe(A, args.align_share)]
-    ablations[f"hybrid 1/4 conv-default @{A}"] = ["student.attention_layers=1/4", "student.conv_init=default",
-                                                  *recipe(A, args.align_share)]
+                                                     *recipe(A, S)]
+    ablations[f"hybrid 0 kd-only @{A}"] = ["student.attention_layers=0", *recipe(A, 0.0)]
     chosen = {}
     if "headline" in parts:
         chosen.update(headline)
