@@ -50,14 +50,53 @@ def smollm2_gguf_path() -> str:
     return path
 
 
+_GGUF_MEMO = False
+
+
+def parse_gguf_once() -> None:
+    """Memoise what transformers parses of a GGUF file, per process (idempotent).
+
+    One GGUF load reads the file's metadata three times (config, weights, and again for the config in the
+    weight loader: a ``GGUFReader`` each, 3.3 s apiece for SmolLM2's 49k-token vocabulary on 2 cores) and
+    rebuilds gguf's tensor-name map once per module of the model (397 times, 12 ms each). Both are pure
+    functions of their arguments: the reader is cached per (path, size, mtime) and read-only, the name map
+    per (architecture, layers). Measured (cProfile, 2 cores): ``load_causal_lm('smollm2')`` 22.8 s -> 11.5 s.
+    """
+    global _GGUF_MEMO
+    if _GGUF_MEMO:
+        return
+    import functools
+
+    import gguf
+
+    reader_cls = gguf.GGUFReader
+    readers: dict = {}
+
+    def cached_reader(path, mode="r"):
+        if mode != "r":
+            return reader_cls(path, mode)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers.clear()  # one file at a time: a reader maps its whole file
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = cached_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(gguf.get_tensor_name_map)
+    _GGUF_MEMO = True
+
+
 def resolve(reference: str) -> tuple[str, dict]:
     """reference -> (name_or_dir for from_pretrained, extra kwargs)."""
     if reference == SMOLLM2:
         path = smollm2_gguf_path()
+        parse_gguf_once()
         return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
     if reference.endswith(".gguf"):
         if not os.path.isfile(reference):
             raise ModelLoadError(f"model '{reference}': GGUF file not found")
+        parse_gguf_once()
         return os.path.dirname(os.path.abspath(reference)), {"gguf_file": os.path.basename(reference)}
     if os.path.isdir(reference):
         if not os.path.isfile(os.path.join(reference, "config.json")):
