@@ -138,17 +138,29 @@ def cmd_delta(args: argparse.Namespace) -> int:
             print(f"adapter: {args.out}  ({len(ranks)} LoRA modules, ranks {min(ranks) if ranks else '-'}.."
                   f"{max(ranks) if ranks else '-'}, {sum(v['kind'] == 'modules_to_save' for v in res.modules.values())} "
                   f"saved in full, {len(res.skipped)} skipped; {res.seconds:.1f}s)")
+        elif args.action == "transfer":
+            return _delta_transfer(args)
         elif args.action == "apply":
             from app.delta.apply import apply
 
             out = apply(args.adapter, args.model, args.out, merge=args.merge, dtype=args.dtype)
             print(f"{'merged checkpoint' if args.merge else 'adapter'}: {out}")
         else:
+            from app.delta.transfer import is_transfer_adapter, table_lines, verify_transfer
             from app.delta.verify import table, verify
 
-            report = verify(args.base, args.tuned, args.adapter, texts=args.texts, n_texts=args.num_texts,
-                            max_tokens=args.max_tokens)
-            print(table(report))
+            if is_transfer_adapter(args.adapter):
+                from app.raystart import init_ray
+
+                init_ray(None, None)
+                report = verify_transfer(args.adapter)
+                print("\n".join(table_lines(report)))
+            else:
+                if not (args.base and args.tuned):
+                    raise DeltaError("--base and --tuned are needed for a weight-space adapter")
+                report = verify(args.base, args.tuned, args.adapter, texts=args.texts, n_texts=args.num_texts,
+                                max_tokens=args.max_tokens)
+                print(table(report))
             if args.report:
                 with open(args.report, "w") as f:
                     json.dump(report, f, indent=1)
@@ -156,6 +168,23 @@ def cmd_delta(args: argparse.Namespace) -> int:
     except (DeltaError, ModelLoadError, FileNotFoundError) as e:
         print(f"delta {args.action}: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _delta_transfer(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from app.delta.transfer import TransferOptions, run_transfer, table_lines
+    from app.raystart import init_ray
+
+    fields = {f.name for f in dataclasses.fields(TransferOptions)}
+    opts = TransferOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    init_ray(args.address, args.num_cpus)
+    res = run_transfer(args.base_a, args.tuned_a, args.target, args.text or [], args.out, eval_texts=args.eval_text,
+                       retain_texts=args.retain_text, cache_dir=args.cache, opts=opts)
+    print("\n".join(table_lines(res.report)))
+    print(f"adapter: {args.out}  (PEFT LoRA for {args.target}; report {os.path.join(args.out, 'transfer.json')}"
+          f"{'; span scores from the cache' if res.cached else ''})")
     return 0
 
 
@@ -329,8 +358,39 @@ def _distill_args(sub) -> None:
     p.set_defaults(fn=cmd_distill)
 
 
+def _transfer_args(acts) -> None:
+    from app.delta.transfer import TransferOptions
+
+    d = TransferOptions()
+    t = acts.add_parser("transfer", help="a fine-tune's delta (A0 -> A1) carried onto B of another family, "
+                        "in function space: a PEFT LoRA for B")
+    t.add_argument("--base-a", required=True, metavar="A0", help="A's base model")
+    t.add_argument("--tuned-a", required=True, metavar="A1", help="A's fine-tune")
+    t.add_argument("--target", required=True, metavar="B", help="the model to carry the change onto")
+    t.add_argument("--text", action="append", metavar="PATH_OR_GLOB",
+                   help="transfer text (JSONL/Parquet/text, as the refine job reads); repeatable")
+    t.add_argument("--eval-text", action="append", metavar="PATH_OR_GLOB",
+                   help="held-out in-domain text for the report (default: a hashed share of --text)")
+    t.add_argument("--retain-text", action="append", metavar="PATH_OR_GLOB",
+                   help="general text: the retain term and the damage measure (default: text on this machine)")
+    t.add_argument("--sample-from-tuned", type=int, metavar="N", help=f"add N samples of A1 (default {d.sample_from_tuned})")
+    t.add_argument("--out", required=True, help="the adapter, transfer.json, placebo/ (and weight_space/)")
+    t.add_argument("--cache", help="span-score cache directory (default: OUT/cache); shared by reruns")
+    for name, typ in (("beta", float), ("rank", int), ("alpha", float), ("retain_weight", float), ("steps", int),
+                      ("lr", float), ("batch_tokens", int), ("max_tokens", int), ("heldout", float), ("seed", int),
+                      ("sample_tokens", int), ("num_gpus", float)):
+        t.add_argument("--" + name.replace("_", "-"), type=typ, help=f"default {getattr(d, name)}")
+    t.add_argument("--target-modules", type=lambda s: s if s == "all-linear" else s.split(","),
+                   help=f"PEFT target modules, comma-separated (default {d.target_modules})")
+    t.add_argument("--no-placebo", dest="placebo", action="store_false", default=None, help="skip the placebo fit")
+    t.add_argument("--no-weight-space", dest="weight_space", action="store_false", default=None,
+                   help="skip the weight-space route when A and B share shapes")
+    t.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS, else start locally)")
+    t.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+
+
 def _delta_args(sub) -> None:
-    p = sub.add_parser("delta", help="weight deltas as LoRA adapters: extract | apply | verify")
+    p = sub.add_parser("delta", help="deltas as LoRA adapters: extract | apply | verify | transfer (across families)")
     acts = p.add_subparsers(dest="action", required=True)
     e = acts.add_parser("extract", help="tuned - base as a PEFT LoRA adapter")
     e.add_argument("--base", required=True)
@@ -359,9 +419,11 @@ def _delta_args(sub) -> None:
     a.add_argument("--out", required=True)
     a.add_argument("--merge", action="store_true", help="merge_and_unload and save an HF checkpoint")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    v = acts.add_parser("verify", help="per-module error and KL(tuned || base + adapter)")
-    v.add_argument("--base", required=True)
-    v.add_argument("--tuned", required=True)
+    _transfer_args(acts)
+    v = acts.add_parser("verify", help="per-module error and KL(tuned || base + adapter); for a transfer adapter, "
+                        "the transfer measures recomputed")
+    v.add_argument("--base", help="the base checkpoint (not needed for a transfer adapter)")
+    v.add_argument("--tuned", help="the tuned checkpoint (not needed for a transfer adapter)")
     v.add_argument("--adapter", required=True)
     v.add_argument("--texts", help="text file (a text per line, or JSONL with text); default: text on this machine")
     v.add_argument("--num-texts", type=int, default=32)
