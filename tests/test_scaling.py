@@ -18,6 +18,9 @@ def _fwd_counted(model, x):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    # parameters frozen: FlopCounterMode's module tracker hooks the gradients of every tensor that needs one,
+    # and fails on the no-grad weight view that transformers 5.25's kernels-wrapped causal_conv1d_fn receives
+    model.requires_grad_(False)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(x)
     return {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}

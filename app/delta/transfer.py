@@ -396,6 +396,9 @@ def run_transfer(base_a: str, tuned_a: str, target: str, texts: list[str], out: 
     cache = os.path.join(cache_dir or os.path.join(out, "cache"), key)
     cached = os.path.isfile(os.path.join(cache, "done.json"))
     if not cached:
+        import shutil
+
+        shutil.rmtree(os.path.join(cache, "windows"), ignore_errors=True)  # a pass that stopped part-way
         log.info("span pass: aligning and scoring the texts under A0, A1 and B (cache %s)", cache)
         span_pass(inputs, samples, models, os.path.join(cache, "windows"), opts)
         with open(os.path.join(cache, "done.json"), "w") as f:
