@@ -117,7 +117,7 @@ def test_cross_family_transfer_recovers_the_delta_over_its_placebo(world, ray_lo
     out = str(tmp_path / "transfer")
     code = main(["delta", "transfer", "--base-a", world["a0"], "--tuned-a", world["a1"], "--target", world["b"],
                  "--text", world["transfer"], "--eval-text", world["eval"], "--retain-text", world["retain"],
-                 "--out", out, "--cache", str(tmp_path / "cache")])
+                 "--out", out, "--cache", str(tmp_path / "cache"), "--steps", "200"])
     assert code == 0
     rep = json.load(open(os.path.join(out, "transfer.json")))
     al, m = rep["alignment"], rep["measures"]
@@ -126,6 +126,7 @@ def test_cross_family_transfer_recovers_the_delta_over_its_placebo(world, ray_lo
     gain = m["in_domain"]["gain_A_bpb"]
     assert gain > 0.02  # A1 learned the sub-language
     ad, placebo = m["adapters"]["B+LoRA"], m["adapters"]["placebo"]
+    print(json.dumps(m["adapters"], indent=1), m["general"])
     assert ad["recovery"] >= 0.3, ad
     assert placebo["recovery"] <= 0.1 and placebo["recovery"] <= ad["recovery"] - 0.25, placebo
     assert ad["fidelity_r"] > 0.75 and abs(placebo["fidelity_r"]) < 0.3
@@ -158,13 +159,14 @@ def test_same_shapes_function_space_agrees_with_the_weight_space_route(world, ra
 
     res = run_transfer(world["a0"], world["a1"], world["a0"], [world["transfer"]], str(tmp_path / "same"),
                        eval_texts=[world["eval"]], retain_texts=[world["retain"]],
-                       opts=TransferOptions(placebo=False, sample_from_tuned=8, sample_tokens=64))
+                       opts=TransferOptions(placebo=False, sample_from_tuned=8, sample_tokens=64, steps=200))
     rep = res.report
     assert rep["samples_from_tuned"] == 8 and rep["alignment"]["one_to_one_share"] == 1.0
     ws, fs = rep["measures"]["adapters"]["weight-space"], rep["measures"]["adapters"]["B+LoRA"]
     assert ws["recovery"] > 0.9  # rank 16 of a width-64 model's delta: nearly all of it
-    assert fs["recovery"] >= 0.3
-    assert rep["routes"]["agreement_r"] > 0.75, rep["routes"]
+    assert fs["recovery"] >= 0.6  # one tokenizer, one model: the general text carries most of the change
+    print(json.dumps(rep["measures"]["adapters"], indent=1), rep["routes"])
+    assert rep["routes"]["agreement_r"] > 0.9, rep["routes"]
 
 
 def test_bad_options_and_inputs_fail_with_a_clear_error(world, tmp_path):

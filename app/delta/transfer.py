@@ -258,6 +258,9 @@ def measures(rows: dict, adapted: dict[str, list], role_general: Optional[dict])
     dom = {"A0": bpb(d["l_a0"], d["span_bytes"]), "A1": bpb(d["l_a1"], d["span_bytes"]),
            "B": bpb(d["l_b"], d["span_bytes"])}
     gain_a = dom["A0"] - dom["A1"] if None not in (dom["A0"], dom["A1"]) else None
+    if gain_a is not None and gain_a <= 0:
+        log.warning("A1 is no better than A0 on the held-out in-domain text (BPB %.4f vs %.4f): recovery is "
+                    "undefined", dom["A1"], dom["A0"])
     da = np.concatenate([a1 - a0 for a0, a1 in zip(d["l_a0"], d["l_a1"])]) if d["l_a0"] else np.zeros(0)
     out["in_domain"] = {"windows": len(d["l_b"]), "bytes": int(sum(b.sum() for b in d["span_bytes"])),
                         "spans": int(len(da)), "bpb": dict(dom), "gain_A_bpb": gain_a}
@@ -274,7 +277,7 @@ def measures(rows: dict, adapted: dict[str, list], role_general: Optional[dict])
         if sc.get("domain") is not None:
             b_ad = bpb(sc["domain"], d["span_bytes"])
             out["in_domain"]["bpb"][name] = b_ad
-            m["recovery"] = (dom["B"] - b_ad) / gain_a if gain_a else None
+            m["recovery"] = (dom["B"] - b_ad) / gain_a if gain_a and gain_a > 0 else None
             db = np.concatenate([x - b for x, b in zip(sc["domain"], d["l_b"])])
             m["fidelity_r"] = pearson(da, db)
             m["fidelity_slope"] = slope(da, db)
