@@ -214,7 +214,7 @@ def main() -> None:
 
     import ray
 
-    from app.delta.transfer import TransferOptions, _rows, _score_adapter, _fit_rows, bpb, load_windows, run_transfer
+    from app.delta.transfer import TransferOptions, _score_adapter, bpb, eval_rows, load_windows, run_transfer
     from app.raystart import init_ray
 
     lic, desc = texts_by_kind()
@@ -244,8 +244,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         samples = [json.loads(line)["text"] for line in open(os.path.join(out, "samples.jsonl"))]
         table = load_windows(rep["cache"])
-        domain, gen = _rows(table, "eval_domain"), _rows(table, "eval_general")
-        evals = {"domain": _fit_rows(domain, 1.0, False), "general": _fit_rows(gen, 1.0, False)}
+        domain, gen, evals = eval_rows(table)
         controls = {}
         for name, texts in (("seqKD", samples), ("oracle", domain_train)):
             ad = lora_control(b_ref, texts, os.path.join(out, name), rank=args.rank, steps=args.steps, lr=args.lr,

@@ -22,7 +22,6 @@ multi-byte character across tokens, and no library computes the common boundarie
 
 from __future__ import annotations
 
-import bisect
 import json
 import re
 from dataclasses import dataclass
@@ -156,6 +155,7 @@ class Window:
     span_a: list[int]  # span index (from 0 in this window) per A token
     span_b: list[int]
     span_bytes: list[int]  # (n_spans,)
+    one_to_one: int = 0  # spans that are one token under both tokenizers
 
 
 def windows(al: Alignment, max_a: int, max_b: int) -> tuple[list[Window], int]:
@@ -180,7 +180,7 @@ def windows(al: Alignment, max_a: int, max_b: int) -> tuple[list[Window], int]:
         out.append(Window(ids_a=al.ids_a[start_a[s]:start_a[e]], ids_b=al.ids_b[start_b[s]:start_b[e]],
                           span_a=(al.span_a[start_a[s]:start_a[e]] - s).tolist(),
                           span_b=(al.span_b[start_b[s]:start_b[e]] - s).tolist(),
-                          span_bytes=sizes[s:e].tolist()))
+                          span_bytes=sizes[s:e].tolist(), one_to_one=int(((na[s:e] == 1) & (nb[s:e] == 1)).sum())))
         s = e
     return out, dropped
 

@@ -135,6 +135,13 @@ WINDOW_SCHEMA = pa.schema([
 ])
 
 
+def _empty_row(doc: str, role: str, n_bytes: int, *, dropped: int, refused: bool) -> dict:
+    """The one row of a text with no window: refused (its bytes counted in ``text_bytes``), or every span too
+    long for a window (``dropped_bytes``)."""
+    return dict(doc=doc, role=role, window=0, ids_a=[], ids_b=[], span_a=[], span_b=[], span_bytes=[], n_spans=0,
+                one_to_one=0, text_bytes=n_bytes, dropped_bytes=dropped, refused=refused)
+
+
 class SpanScorer:
     """Ray Data callable class: rows ``id``, ``text``, ``role`` (+ ``error`` from the corpus reader) -> one row
     per window: tokens and spans under both tokenizers, and ``l_<name>`` (ℓ per span) under each model.
@@ -190,19 +197,16 @@ class SpanScorer:
             n_bytes = len(text.encode("utf-8")) if isinstance(text, str) else 0
             al = align(text, self.tb["a"], self.tb["b"]) if err is None and isinstance(text, str) and text else None
             if al is None:
-                rows.append(dict(doc=doc, role=role, window=0, ids_a=[], ids_b=[], span_a=[], span_b=[], span_bytes=[],
-                                 n_spans=0, one_to_one=0, text_bytes=n_bytes, dropped_bytes=n_bytes, refused=True))
+                rows.append(_empty_row(doc, role, n_bytes, dropped=0, refused=True))
                 continue
             wins, dropped = windows(al, self.max_tokens["a"], self.max_tokens["b"])
             for k, w in enumerate(wins):
-                one = sum(1 for j in range(len(w.span_bytes)) if w.span_a.count(j) == 1 and w.span_b.count(j) == 1)
                 rows.append(dict(doc=doc, role=role, window=k, ids_a=w.ids_a, ids_b=w.ids_b, span_a=w.span_a,
-                                 span_b=w.span_b, span_bytes=w.span_bytes, n_spans=len(w.span_bytes), one_to_one=one,
-                                 text_bytes=n_bytes if k == 0 else 0, dropped_bytes=dropped if k == 0 else 0,
-                                 refused=False))
+                                 span_b=w.span_b, span_bytes=w.span_bytes, n_spans=len(w.span_bytes),
+                                 one_to_one=w.one_to_one, text_bytes=n_bytes if k == 0 else 0,
+                                 dropped_bytes=dropped if k == 0 else 0, refused=False))
             if not wins:
-                rows.append(dict(doc=doc, role=role, window=0, ids_a=[], ids_b=[], span_a=[], span_b=[], span_bytes=[],
-                                 n_spans=0, one_to_one=0, text_bytes=n_bytes, dropped_bytes=dropped, refused=False))
+                rows.append(_empty_row(doc, role, n_bytes, dropped=dropped, refused=False))
         return rows
 
     def __call__(self, table: pa.Table) -> pa.Table:

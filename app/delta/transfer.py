@@ -200,14 +200,24 @@ def load_windows(cache_dir: str):
 
 def _rows(table, role: str) -> dict:
     """Scored windows of one role as Python lists (ids/spans on B's side, per-span values as arrays)."""
-    t = table.filter(np.array([r == role for r in table.column("role").to_pylist()])) if table.num_rows else table
-    t = t.filter(np.array([n > 0 for n in t.column("n_spans").to_pylist()]))
+    import pyarrow.compute as pc
+
+    t = table.filter(pc.and_(pc.equal(table.column("role"), role), pc.greater(table.column("n_spans"), 0)))
     cols = {c: t.column(c).to_pylist() for c in t.column_names if c in (
         "ids_b", "span_b", "n_spans", "span_bytes", "l_a0", "l_a1", "l_b")}
     for c in ("l_a0", "l_a1", "l_b", "span_bytes"):
         if c in cols:
             cols[c] = [np.asarray(v, dtype=np.float64) if v is not None else None for v in cols[c]]
     return cols
+
+
+def eval_rows(table) -> tuple[dict, dict, dict]:
+    """(in-domain rows, general rows, the FitRows to score adapters on) of the held-out windows."""
+    domain, general = _rows(table, "eval_domain"), _rows(table, "eval_general")
+    evals = {"domain": _fit_rows(domain, 1.0, False)}
+    if general.get("ids_b"):
+        evals["general"] = _fit_rows(general, 1.0, False)
+    return domain, general, evals
 
 
 def bpb(ll: list, nbytes: list) -> Optional[float]:
@@ -232,20 +242,18 @@ def slope(x: np.ndarray, y: np.ndarray) -> Optional[float]:
 
 
 def alignment_stats(table) -> dict:
-    refused = table.column("refused").to_pylist()
-    text_bytes = np.asarray(table.column("text_bytes").to_pylist(), dtype=np.int64)
+    refused = table.column("refused").to_numpy(zero_copy_only=False)
+    text_bytes = table.column("text_bytes").to_numpy()
     covered = sum(sum(x) for x in table.column("span_bytes").to_pylist())
-    spans = int(np.sum(table.column("n_spans").to_numpy()))
-    one = int(np.sum(table.column("one_to_one").to_numpy()))
-    texts = int(np.sum(np.asarray(table.column("window").to_pylist()) == 0))
-    return {"texts": texts, "texts_refused": int(sum(refused)),
+    spans = int(table.column("n_spans").to_numpy().sum())
+    one = int(table.column("one_to_one").to_numpy().sum())
+    return {"texts": int((table.column("window").to_numpy() == 0).sum()), "texts_refused": int(refused.sum()),
             "bytes": int(text_bytes.sum()), "bytes_covered": int(covered),
-            "bytes_refused": int(text_bytes[np.asarray(refused, dtype=bool)].sum()) if refused else 0,
-            "bytes_in_overlong_spans": int(np.sum(table.column("dropped_bytes").to_numpy())) - int(
-                text_bytes[np.asarray(refused, dtype=bool)].sum() if refused else 0),
+            "bytes_refused": int(text_bytes[refused].sum()),
+            "bytes_in_overlong_spans": int(table.column("dropped_bytes").to_numpy().sum()),
             "coverage": covered / int(text_bytes.sum()) if text_bytes.sum() else None,
             "spans": spans, "one_to_one_spans": one, "one_to_one_share": one / spans if spans else None,
-            "windows": int(np.sum(table.column("n_spans").to_numpy() > 0))}
+            "windows": int((table.column("n_spans").to_numpy() > 0).sum())}
 
 
 def measures(rows: dict, adapted: dict[str, list], role_general: Optional[dict]) -> dict:
@@ -409,16 +417,13 @@ def run_transfer(base_a: str, tuned_a: str, target: str, texts: list[str], out: 
     else:
         log.info("span pass: cached (%s)", cache)
     table = load_windows(cache)
-    domain, general = _rows(table, "eval_domain"), _rows(table, "eval_general")
+    domain, general, evals = eval_rows(table)
     train_rows, retain_rows = _rows(table, "transfer"), _rows(table, "retain")
     if not train_rows.get("ids_b"):
         raise DeltaError("no transfer text could be aligned (every text was refused or empty)")
     if not domain.get("ids_b"):
         raise DeltaError("no held-out in-domain text: give --eval-text, or more --text (a share is held out)")
     train = _fit_rows(train_rows, opts.beta, True)
-    evals = {"domain": _fit_rows(domain, 1.0, False)}
-    if general.get("ids_b"):
-        evals["general"] = _fit_rows(general, 1.0, False)
 
     gpus = _gpus(opts)
     fit = ray.remote(num_gpus=gpus, num_cpus=1)(fit_adapter)
@@ -472,10 +477,7 @@ def verify_transfer(adapter: str) -> dict:
     if not os.path.isfile(os.path.join(meta["cache"], "done.json")):
         raise DeltaError(f"{adapter}: its span cache {meta['cache']} is gone; run delta transfer again")
     table = load_windows(meta["cache"])
-    domain, general = _rows(table, "eval_domain"), _rows(table, "eval_general")
-    evals = {"domain": _fit_rows(domain, 1.0, False)}
-    if general.get("ids_b"):
-        evals["general"] = _fit_rows(general, 1.0, False)
+    domain, general, evals = eval_rows(table)
     scores = _score_adapter(meta["target"], adapter, evals)
     report = {"adapter": adapter, **{k: meta[k] for k in ("base_a", "tuned_a", "target", "cache")},
               "alignment": alignment_stats(table),
