@@ -150,10 +150,7 @@ def cmd_delta(args: argparse.Namespace) -> int:
             from app.delta.verify import table, verify
 
             if is_transfer_adapter(args.adapter):
-                from app.raystart import init_ray
-
-                init_ray(None, None)
-                report = verify_transfer(args.adapter)
+                report = verify_transfer(args.adapter)  # in this process: no Ray needed
                 print("\n".join(table_lines(report)))
             else:
                 if not (args.base and args.tuned):
