@@ -1,19 +1,26 @@
-"""Serving throughput and latency: dynamic batching vs max_batch_size=1, side by side in one run.
+"""Serving throughput and latency: continuous batching vs static batching vs max_batch_size=1, side by side.
 
-    python benchmarks/serve.py [--model DIR] [--concurrency 1 8 32] [--max-tokens 32] [--batch-wait 0.05]
-                               [--replica-cpus 1] [--out out/bench_serve/serve.json]
+    python benchmarks/serve.py [--arch mamba2|hybrid] [--model DIR] [--concurrency 1 8 32] [--max-tokens 32]
+                               [--batch-wait 0.05] [--replica-cpus 1] [--out out/bench_serve/serve.json]
 
-Two copies of the same application run at once on 127.0.0.1, one replica each: batching on under /on
-(``batch.max_batch_size`` = the highest concurrency, ``batch_wait_timeout_s`` = ``--batch-wait``) and off under
-/off (``max_batch_size=1``). For each concurrency c, the two are measured one after the other on the same
-requests: 4c of them (at least 16), c in flight at a time, sent by the official ``openai`` async client. Prompts
-are real text from this machine (package descriptions and licences), 16 to 128 tokens; every request generates
-exactly ``--max-tokens`` tokens (``ignore_eos``), greedy. Throughput is generated tokens / wall time; latency
-is per request, end to end; "batch" is the mean number of sequences per batch (from /health).
-Target: >= 3x throughput at concurrency 32 with batching.
+Three copies of the same application run at once on 127.0.0.1, one replica each: the continuous scheduler under
+/cont (``batch.max_num_seqs`` = the highest concurrency), Ray Serve's static ``@serve.batch`` under /static
+(``max_batch_size`` = the highest concurrency, ``batch_wait_timeout_s`` = ``--batch-wait``) and no batching under
+/off (static, ``max_batch_size=1``). For each concurrency c, the three are measured one after the other on the
+same requests: 4c of them (at least 16), c in flight at a time, streamed (``stream: true``), sent by the official
+``openai`` async client. Prompts are real text from this machine (package descriptions and licences), 16 to 128
+tokens; every request generates exactly ``--max-tokens`` tokens (``ignore_eos``), greedy. Throughput is
+generated tokens / wall time; latency is per request, end to end; TTFT is the time to the first streamed text.
+"batch" is the mean number of sequences per decode step (continuous) or per batch (static), from /health.
 
-The default model is a small Mamba-2 student built here with SmolLM2's tokenizer and vocabulary (49,152),
-hidden 256, 4 layers, random init (speed does not depend on the weights' values). ``--model`` takes any
+Before Serve starts, the engine alone (``Engine.run``, no HTTP, no Serve, the replica's torch threads) decodes
+the first 32 prompts as one batch: the offline batch-32 rate the continuous scheduler is measured against.
+Targets (issue 20): at concurrency 32, continuous >= 1.5x static and >= 0.8x the offline batch-32 rate; at
+concurrency 1, continuous p50 latency within 10% of max_batch_size=1.
+
+The default models are small students with SmolLM2's tokenizer and vocabulary (49,152), hidden 256, 4 layers,
+random init (speed does not depend on the weights' values): ``--arch mamba2`` a Mamba-2 student (13.9M, issue
+8's), ``--arch hybrid`` a hybrid (BambaForCausalLM) keeping attention in layer 1 of 4. ``--model`` takes any
 checkpoint (a distilled student on a GPU: ``--replica-gpus 1``).
 """
 
@@ -31,10 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def build_student(path: str, hidden: int, layers: int) -> str:
-    from transformers import Mamba2ForCausalLM
+def build_student(path: str, hidden: int, layers: int, arch: str = "mamba2") -> str:
+    """A random-init student with SmolLM2's vocabulary: Mamba-2, or a hybrid of a small Llama keeping layer 1's
+    attention."""
+    from transformers import LlamaForCausalLM, Mamba2ForCausalLM
 
-    from app.distill.student import StudentShape, student_config
+    from app.distill.student import StudentShape, build_student as build, student_config
     from app.models import SMOLLM2, load_model_config, load_tokenizer
 
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -42,9 +51,16 @@ def build_student(path: str, hidden: int, layers: int) -> str:
     import torch
 
     torch.manual_seed(0)
-    cfg = student_config(load_model_config(SMOLLM2), StudentShape(hidden_size=hidden, num_layers=layers,
-                                                                    head_dim=64, state_size=64))
-    Mamba2ForCausalLM(cfg).save_pretrained(path)
+    base = load_model_config(SMOLLM2)
+    if arch == "mamba2":
+        model = Mamba2ForCausalLM(student_config(base, StudentShape(hidden_size=hidden, num_layers=layers,
+                                                                    head_dim=64, state_size=64)))
+    else:
+        cfg = base.__class__(**{**base.to_dict(), "hidden_size": hidden, "num_hidden_layers": layers,
+                                "num_attention_heads": hidden // 64, "num_key_value_heads": max(hidden // 128, 1),
+                                "head_dim": 64, "intermediate_size": 4 * hidden})
+        model, _ = build(LlamaForCausalLM(cfg), "hybrid", attention_layers=[1])
+    model.save_pretrained(path)
     load_tokenizer(SMOLLM2).save_pretrained(path)
     return path
 
@@ -76,15 +92,22 @@ async def load(base: str, name: str, texts: list[str], concurrency: int, max_tok
 
     client = AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
-    lat, tokens = [], []
+    lat, ttft, tokens = [], [], []
 
     async def one(p: str) -> None:
         async with gate:
-            t0 = time.perf_counter()
-            r = await client.completions.create(model=name, prompt=p, max_tokens=max_tokens, temperature=0,
-                                                extra_body={"ignore_eos": True})
+            t0, first, n = time.perf_counter(), None, 0
+            async for c in await client.completions.create(model=name, prompt=p, max_tokens=max_tokens,
+                                                           temperature=0, stream=True,
+                                                           stream_options={"include_usage": True},
+                                                           extra_body={"ignore_eos": True}):
+                if first is None and c.choices and c.choices[0].text:
+                    first = time.perf_counter() - t0
+                if c.usage is not None:
+                    n = c.usage.completion_tokens
             lat.append(time.perf_counter() - t0)
-            tokens.append(r.usage.completion_tokens)
+            ttft.append(first if first is not None else lat[-1])
+            tokens.append(n)
 
     before = health(base)
     t0 = time.perf_counter()
@@ -93,14 +116,40 @@ async def load(base: str, name: str, texts: list[str], concurrency: int, max_tok
     await client.close()
     after = health(base)
     q = statistics.quantiles(lat, n=20)
+    steps = after["batches"] - before["batches"]
     return {"requests": len(texts), "tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
-            "p50_s": statistics.median(lat), "p95_s": q[18], "batches": after["batches"] - before["batches"],
-            "mean_batch": (after["sequences"] - before["sequences"]) / max(after["batches"] - before["batches"], 1)}
+            "p50_s": statistics.median(lat), "p95_s": q[18], "ttft_p50_s": statistics.median(ttft),
+            "ttft_p95_s": statistics.quantiles(ttft, n=20)[18], "steps": steps,
+            "mean_batch": (after["row_steps"] - before["row_steps"]) / max(steps, 1)}
+
+
+def offline_rate(model: str, texts: list[str], max_tokens: int, threads: int) -> dict:
+    """The engine alone: the first 32 prompts decoded as one batch by ``Engine.run`` (best of 3), in tokens/s."""
+    import torch
+
+    from app.serve.generate import Engine, Row, SamplingParams
+
+    torch.set_num_threads(threads)
+    eng = Engine.load(model, device="cpu")
+    rows = lambda k: [Row(eng.encode(t), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))  # noqa: E731
+                      for t in texts[:k]]
+    eng.run(rows(4))  # warm-up
+    out = {}
+    for k in (1, 32):
+        best = float("inf")
+        for _ in range(3):
+            batch = rows(k)
+            t0 = time.perf_counter()
+            eng.run(batch)
+            best = min(best, time.perf_counter() - t0)
+        out[f"batch_{k}_tokens_per_s"] = k * max_tokens / best
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint to serve (default: a small student built here)")
+    ap.add_argument("--arch", choices=["mamba2", "hybrid"], default="mamba2", help="the student built here")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -120,21 +169,27 @@ def main() -> None:
     from app.serve.config import ServeConfig
     from app.serve.server import application
 
-    model = args.model or build_student(os.path.join(os.path.dirname(args.out), "student"), args.hidden, args.layers)
+    model = args.model or build_student(os.path.join(os.path.dirname(args.out), f"student_{args.arch}"), args.hidden,
+                                        args.layers, args.arch)
     tok = load_tokenizer(model)
     top = max(args.concurrency)
-    texts = prompts(tok, 4 * top)
+    texts = prompts(tok, max(4 * top, 32))
+    offline = offline_rate(model, texts, args.max_tokens, max(int(args.replica_cpus), 1)) \
+        if not args.replica_gpus else {}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     init_ray(num_cpus=max(4, os.cpu_count() or 1))  # logical CPUs: both replicas and the proxy fit
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    modes = {"on": top, "off": 1}
-    for mode, size in modes.items():
+    modes = {"cont": ["batch.scheduler=continuous", f"batch.max_num_seqs={top}"],
+             "static": ["batch.scheduler=static", f"batch.max_batch_size={top}",
+                        f"batch.batch_wait_timeout_s={args.batch_wait}"],
+             "off": ["batch.scheduler=static", "batch.max_batch_size=1", "batch.batch_wait_timeout_s=0"]}
+    for mode, sets in modes.items():
         cfg = load_config(ServeConfig, None, [
             f"model={model}", "model_name=bench", f"deployment.num_cpus={args.replica_cpus}",
             f"deployment.num_gpus={args.replica_gpus}", f"deployment.max_ongoing_requests={max(64, 2 * top)}",
-            f"batch.max_batch_size={size}", f"batch.batch_wait_timeout_s={args.batch_wait if size > 1 else 0.0}", f"limits.max_tokens={args.max_tokens}"])
+            f"limits.max_tokens={args.max_tokens}", *sets])
         serve.run(application(cfg), name=f"bench-{mode}", route_prefix=f"/{mode}", blocking=False)
     base = {m: f"http://127.0.0.1:{port}/{m}/v1" for m in modes}
     for m in modes:  # warm-up: first forward, allocator, connections
@@ -145,25 +200,35 @@ def main() -> None:
         batch = texts[: max(4 * c, 16)]
         res = {m: asyncio.run(load(base[m], "bench", batch, c, args.max_tokens)) for m in modes}
         rows.append({"concurrency": c, **{m: res[m] for m in modes},
-                     "speedup": res["on"]["tokens_per_s"] / res["off"]["tokens_per_s"]})
+                     "cont_vs_static": res["cont"]["tokens_per_s"] / res["static"]["tokens_per_s"],
+                     "cont_vs_off_p50": res["cont"]["p50_s"] / res["off"]["p50_s"]})
     serve.shutdown()
 
     n_params = sum(p.numel() for p in load_causal_lm(model).model.parameters())
-    info = {"model": model, "parameters": n_params, "max_tokens": args.max_tokens, "replica_cpus": args.replica_cpus,
-            "replica_gpus": args.replica_gpus, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "rows": rows}
+    info = {"model": model, "arch": None if args.model else args.arch, "parameters": n_params,
+            "max_tokens": args.max_tokens, "replica_cpus": args.replica_cpus, "replica_gpus": args.replica_gpus,
+            "batch_wait": args.batch_wait, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "offline": offline,
+            "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(info, f, indent=1)
     print(f"model {model} ({n_params / 1e6:.1f}M parameters), {args.max_tokens} tokens per request, "
-          f"replica {args.replica_cpus} CPU / {args.replica_gpus} GPU")
-    print(f"{'conc':>4} | {'batching: tok/s':>15} {'p50 s':>7} {'p95 s':>7} {'batch':>5} | {'max_batch_size=1: tok/s':>23} "
-          f"{'p50 s':>7} {'p95 s':>7} | speed-up")
+          f"replica {args.replica_cpus} CPU / {args.replica_gpus} GPU, streamed")
+    if offline:
+        print(f"engine alone (Engine.run): batch 1 {offline['batch_1_tokens_per_s']:.1f} tok/s, "
+              f"batch 32 {offline['batch_32_tokens_per_s']:.1f} tok/s")
+    print(f"{'conc':>4} | {'mode':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'ttft50':>6} {'ttft95':>6} {'batch':>5}")
     for r in rows:
-        on, off = r["on"], r["off"]
-        print(f"{r['concurrency']:>4} | {on['tokens_per_s']:>15.1f} {on['p50_s']:>7.2f} {on['p95_s']:>7.2f} "
-              f"{on['mean_batch']:>5.1f} | "
-              f"{off['tokens_per_s']:>23.1f} {off['p50_s']:>7.2f} {off['p95_s']:>7.2f} | {r['speedup']:.2f}x")
+        for m in modes:
+            x = r[m]
+            print(f"{r['concurrency']:>4} | {m:>6} {x['tokens_per_s']:>7.1f} {x['p50_s']:>6.2f} {x['p95_s']:>6.2f} "
+                  f"{x['ttft_p50_s']:>6.3f} {x['ttft_p95_s']:>6.3f} {x['mean_batch']:>5.1f}")
+        line = (f"     continuous / static {r['cont_vs_static']:.2f}x, continuous p50 / max_batch_size=1 p50 "
+                f"{r['cont_vs_off_p50']:.2f}")
+        if offline and r["concurrency"] >= 32:
+            line += f", continuous / engine batch-32 {r['cont']['tokens_per_s'] / offline['batch_32_tokens_per_s']:.2f}x"
+        print(line)
     print(f"results: {args.out}")
 
 

@@ -25,18 +25,24 @@ def student(tmp_path_factory):
     return tiny_hybrid(str(tmp_path_factory.mktemp("serve") / "student"), attention=0.5)
 
 
-@pytest.fixture(scope="module", params=[0.5, 0], ids=["hybrid 1/2", "hybrid 0"])
+SERVED = [(0.5, "continuous"), (0, "continuous"), (0.5, "static")]
+
+
+@pytest.fixture(scope="module", params=SERVED, ids=[f"hybrid {'1/2' if a else 0}, {s}" for a, s in SERVED])
 def served(request, student, tmp_path_factory):
-    """The server's model: the tiny hybrid student keeping half its attention layers, then one with no attention
-    layer left (every server test runs on both)."""
-    return student if request.param == 0.5 else tiny_hybrid(str(tmp_path_factory.mktemp("serve0") / "s"), attention=0)
+    """The server's model and scheduler: the tiny hybrid student keeping half its attention layers, then one with
+    no attention layer left, under the continuous scheduler; then the first under the static one (every server
+    test runs on each)."""
+    attention, scheduler = request.param
+    path = student if attention == 0.5 else tiny_hybrid(str(tmp_path_factory.mktemp("serve0") / "s"), attention=0)
+    return {"model": path, "scheduler": scheduler}
 
 
 @pytest.fixture(scope="module")
 def hf(served):
     from app.models import load_causal_lm
 
-    return load_causal_lm(served)
+    return load_causal_lm(served["model"])
 
 
 def reference(hf, ids, max_tokens):
@@ -67,8 +73,9 @@ def _engine(ref):
     return Engine(m.model, m.tokenizer), m
 
 
-def test_batched_greedy_equals_generate_one_prompt_at_a_time(served):
-    _check_batched_greedy(served)
+def test_batched_greedy_equals_generate_one_prompt_at_a_time(student, tmp_path):
+    _check_batched_greedy(student)
+    _check_batched_greedy(tiny_hybrid(str(tmp_path / "h0"), attention=0))
 
 
 @pytest.mark.parametrize("kind", ["mamba2", "llama"])
@@ -185,10 +192,11 @@ def test_stop_string_hold_back_equals_the_brute_force_scan():
         assert RowStopper._hold(r) == brute, (stop, r._pending)
 
 
-@pytest.fixture
-def replica(student, monkeypatch):
-    """The server's replica class without Serve (``@serve.batch`` asks for a replica context: a stand-in), its
-    engine the tiny student's with a spy on tokenizing and an optional failure of marked rows."""
+@pytest.fixture(params=["continuous", "static"])
+def replica(request, student, monkeypatch):
+    """The server's replica class without Serve (``@serve.batch`` asks for a replica context: a stand-in) under
+    each scheduler, its engine the tiny student's with a spy on tokenizing, an optional failure of marked rows as
+    they start, and an optional delay per forward (``step_s``)."""
     from types import SimpleNamespace as NS
 
     import ray.serve
@@ -214,24 +222,27 @@ def replica(student, monkeypatch):
             Spy.encoded.append(threading.current_thread().name)
             return super().encode(text)
 
-        def run(self, rows):
+        def start(self, rows):
+            super().start(rows)
             for r in rows:
                 if r.prompt_ids[:1] and r.prompt_ids[0] in Spy.poison:
                     fail_row(r, RuntimeError("secret internals /etc/passwd"))
-            if Spy.step_s:
-                hook = self.model.register_forward_hook(lambda *a: time.sleep(Spy.step_s))
-                try:
-                    return super().run(rows)
-                finally:
-                    hook.remove()
-            return super().run(rows)
 
     m = _engine(student)[1]
     eng = Spy(m.model, m.tokenizer)
     Spy.encoded, Spy.poison, Spy.step_s = [], set(), 0.0
-    rep = Replica({"model": student, "model_name": "t", "api_key_env": None, "batch": {"max_batch_size": 8,
-                   "batch_wait_timeout_s": 0.05}, "limits": {"max_tokens": 400}}, engine=eng)
-    return rep, Spy
+    def slow(*args):  # returns None: the output stays
+        if Spy.step_s:
+            time.sleep(Spy.step_s)
+
+    hook = m.model.register_forward_hook(slow)
+    rep = Replica({"model": student, "model_name": "t", "api_key_env": None,
+                   "batch": {"scheduler": request.param, "max_batch_size": 8, "max_num_seqs": 8,
+                             "batch_wait_timeout_s": 0.05}, "limits": {"max_tokens": 400}}, engine=eng)
+    yield rep, Spy
+    hook.remove()
+    if rep.scheduler is not None:
+        rep.scheduler.close()
 
 
 async def _events(resp):
@@ -279,6 +290,7 @@ def test_a_failing_request_ends_alone_with_a_generic_error_and_its_stream_stops_
         good_stream = P.CompletionRequest(model="t", prompt="the cat", max_tokens=4, temperature=0, stream=True,
                                           stream_options={"include_usage": True})
         expected = (await rep.completions(good))["choices"][0]["text"]
+        spy.step_s = 0.005
         before = dict(rep.stats)
 
         async def one(req):
@@ -286,7 +298,10 @@ def test_a_failing_request_ends_alone_with_a_generic_error_and_its_stream_stops_
             return await _events(resp) if req.stream else resp
 
         ok, fail, s_bad, s_good = await asyncio.gather(*(one(r) for r in (good, bad, bad_stream, good_stream)))
-        assert rep.stats["batches"] - before["batches"] == 1  # all four in one batch
+        if rep.scheduler is None:
+            assert rep.stats["batches"] - before["batches"] == 1  # all four in one batch
+        else:  # the good ones decoded together (the bad ones ended as they started)
+            assert rep.stats["largest_batch"] >= 2
         assert ok["choices"][0]["text"] == expected
         assert fail.status_code == 500
         for body in (json.loads(fail.body), s_bad[-1]):
@@ -314,7 +329,7 @@ def test_a_request_cancelled_by_its_client_stops_its_rows(replica):
         await asyncio.sleep(0.5)  # the batch is running
         task.cancel()
         t0 = time.monotonic()
-        while rep.stats["batches"] == 0:
+        while rep.stats["sequences"] == 0:
             assert time.monotonic() - t0 < 3, "the rows ran on"
             await asyncio.sleep(0.02)
         assert rep.stats["cancelled"] == 1 and 0 < rep.stats["generated_tokens"] < 200
@@ -362,13 +377,14 @@ def test_the_gate_counts_streamed_body_bytes_and_hides_internal_errors():
 # ------------------------------------------------------------------------------------------- the server
 
 
-def _serve(ray_local, student, root):
+def _serve(ray_local, student, root, scheduler):
     """``jobs/serve.py`` (= ``distillery serve``) in a subprocess joined to the test's Ray, as under ``ray job
     submit``: the tiny student on 127.0.0.1 with small limits, the API key from a file (a mounted secret)."""
     (root / "key").write_text(KEY + "\n")
     (port,) = free_ports(1)
     sets = [f"api_key_file={root / 'key'}", "model_name=tiny-student", "deployment.num_cpus=1",
-            "deployment.max_ongoing_requests=32", "batch.max_batch_size=8", "batch.batch_wait_timeout_s=0.05",
+            "deployment.max_ongoing_requests=32", f"batch.scheduler={scheduler}", "batch.max_num_seqs=8",
+            "batch.max_batch_size=8", "batch.batch_wait_timeout_s=0.05",
             "limits.max_prompt_tokens=40", "limits.max_tokens=32", "limits.default_max_tokens=12", "limits.max_n=4",
             "limits.max_body_bytes=4096"]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
@@ -381,13 +397,13 @@ def _serve(ray_local, student, root):
 
 @pytest.fixture(scope="module")
 def serving(ray_local, served, tmp_path_factory):
-    proc, port, log_path = _serve(ray_local, served, tmp_path_factory.mktemp("serving"))
+    proc, port, log_path = _serve(ray_local, served["model"], tmp_path_factory.mktemp("serving"), served["scheduler"])
     try:
         deadline = time.time() + 240
         while "serving " not in log_path.read_text():
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "proc": proc, "log": log_path}
+        yield {"url": f"http://127.0.0.1:{port}/v1", "proc": proc, "log": log_path, "scheduler": served["scheduler"]}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -408,12 +424,15 @@ def client(server):
     return OpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=60)
 
 
-def test_models_and_health(server, client):
+def test_models_and_health(serving, client):
     import requests
 
     assert [m.id for m in client.models.list().data] == ["tiny-student"]
-    h = requests.get(server[: -len("/v1")] + "/health", timeout=10)  # open: no key
-    assert h.status_code == 200 and h.json()["status"] == "ok"
+    h = requests.get(serving["url"][: -len("/v1")] + "/health", timeout=10)  # open: no key
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["scheduler"] == serving["scheduler"]
+    assert {"running", "waiting", "tokens_per_s", "ttft_p50_s", "tpot_p50_s"} <= set(h.json())
+    root = serving["url"][: -len("/v1")]
+    assert requests.get(root + "/metrics", timeout=10).status_code == 401  # behind the key, as the API
 
 
 def test_completions_greedy_streamed_and_not_equal_generate(client, hf):
@@ -549,7 +568,20 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, hf):
+def _metrics(server) -> dict:
+    """The replica's Prometheus text as {(name, labels other than replica): value}."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server[: -len("/v1")] + "/metrics", headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=10).text
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "replica"))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(serving, hf):
+    """64 requests, 16 at once, half streamed: each gets its reference answer; the batches held several rows;
+    /metrics counted every request, its first token and its tokens."""
     import random
 
     import requests
@@ -557,10 +589,11 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, hf
 
     from tests.tiny_models import WORDS
 
+    server = serving["url"]
     rng = random.Random(0)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(64)]
-    expected = [reference(hf, list(hf.tokenizer(p)["input_ids"]), 8)[:2] for p in prompts]
-    before = requests.get(server[: -len("/v1")] + "/health", timeout=10).json()
+    expected = [reference(hf, list(hf.tokenizer(p)["input_ids"]), 8) for p in prompts]
+    before, m0 = requests.get(server[: -len("/v1")] + "/health", timeout=10).json(), _metrics(server)
 
     async def run():
         client = AsyncOpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=120)
@@ -584,10 +617,19 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, hf
             await client.close()
 
     got = asyncio.run(run())
-    assert got == expected
-    after = requests.get(server[: -len("/v1")] + "/health", timeout=10).json()
-    assert after["sequences"] - before["sequences"] == 64
-    assert after["batches"] - before["batches"] < 64 and after["largest_batch"] > 1  # batched, not one by one
+    assert got == [e[:2] for e in expected]
+    after, m1 = requests.get(server[: -len("/v1")] + "/health", timeout=10).json(), _metrics(server)
+    assert after["sequences"] - before["sequences"] == 64 and after["largest_batch"] > 1  # batched, not one by one
+    if serving["scheduler"] == "static":
+        assert after["batches"] - before["batches"] < 64
+    else:  # requests joined running batches: fewer prefills than requests, more rows per step than one
+        assert after["prefills"] - before["prefills"] < 64
+        assert after["row_steps"] - before["row_steps"] > 1.5 * (after["batches"] - before["batches"])
+    assert (after["running"], after["waiting"]) == (0, 0)
+    delta = lambda key: m1.get(key, 0) - m0.get(key, 0)  # noqa: E731
+    assert delta(("distillery_requests_total", (("outcome", "ok"),))) == 64
+    assert delta(("distillery_time_to_first_token_seconds_count", ())) == 64
+    assert delta(("distillery_generated_tokens_total", ())) == sum(e[2] for e in expected)
 
 
 # ------------------------------------------------------------------------------------------- configs and the CLI
@@ -628,8 +670,11 @@ def test_replicas_autoscaling_and_resources_reach_the_deployment():
     a = auto._deployment_config.autoscaling_config
     assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 6, 16.0)
     assert auto.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.5} and auto.max_ongoing_requests == 40
-    with pytest.raises(ConfigError, match="deployment.max_ongoing_requests"):
-        load_config(ServeConfig, None, ["batch.max_batch_size=128"])
+    with pytest.raises(ConfigError, match="deployment.max_ongoing_requests.*batch.max_num_seqs"):
+        load_config(ServeConfig, None, ["batch.max_num_seqs=256"])
+    with pytest.raises(ConfigError, match="deployment.max_ongoing_requests.*batch.max_batch_size"):
+        load_config(ServeConfig, None, ["batch.scheduler=static", "batch.max_batch_size=256"])
+    load_config(ServeConfig, None, ["batch.scheduler=continuous", "batch.max_batch_size=256"])  # static's only
 
 
 def test_a_missing_model_fails_before_ray_starts(tmp_path):

@@ -40,9 +40,9 @@ class DeploymentConfig:
     """CPUs reserved per replica (its torch threads on CPU)."""
     num_gpus: float = 0.0
     """GPUs per replica (a fraction shares one GPU between replicas)."""
-    max_ongoing_requests: int = 64
-    """Requests one replica takes at once (queued, streaming or in a batch); more wait at the proxy.
-    At least `batch.max_batch_size`."""
+    max_ongoing_requests: int = 128
+    """Requests one replica takes at once (running, waiting in its queue, streaming); more wait at Serve's router.
+    At least the batch's capacity (`batch.max_num_seqs`, or `batch.max_batch_size` with the static scheduler)."""
 
     def __post_init__(self) -> None:
         _check(self.replicas >= 1, "deployment.replicas", "must be >= 1")
@@ -53,15 +53,36 @@ class DeploymentConfig:
 
 @dataclass
 class BatchConfig:
+    scheduler: Literal["continuous", "static"] = "continuous"
+    """continuous: one decode loop per replica; requests join the running batch at any step and leave it as soon
+    as they end (app/serve/scheduler.py). static: Ray Serve's @serve.batch; a batch runs to its end and the
+    requests that came meanwhile form the next one (any causal LM; continuous needs a cache it can merge)."""
+    max_num_seqs: int = 32
+    """continuous: sequences (requests x n) decoding at once; more requests wait for a place."""
+    max_prefill_tokens: int = 4096
+    """continuous: the prompt tokens one step may prefill (rows x the longest admitted prompt); a request that
+    is over it alone is still admitted, by itself."""
+    max_waiting: int = 64
+    """continuous: requests waiting in the replica for a place; more are refused at once with a 503
+    (code server_overloaded) instead of queueing without bound."""
     max_batch_size: int = 32
-    """Sequences (requests x n) decoded together in one batch (Ray Serve @serve.batch). 1: no batching."""
+    """static: sequences (requests x n) decoded together in one batch (Ray Serve @serve.batch). 1: no batching."""
     batch_wait_timeout_s: float = 0.05
-    """How long the first request of a batch waits for others to join: longer fills batches better under load
-    (throughput), and adds up to this much latency to a request that comes alone (benchmarks/serve.py)."""
+    """static: how long the first request of a batch waits for others to join: longer fills batches better under
+    load (throughput), and adds up to this much latency to a request that comes alone (benchmarks/serve.py)."""
 
     def __post_init__(self) -> None:
+        _check(self.scheduler in ("continuous", "static"), "batch.scheduler", "must be continuous or static")
+        _check(self.max_num_seqs >= 1, "batch.max_num_seqs", "must be >= 1")
+        _check(self.max_prefill_tokens >= 1, "batch.max_prefill_tokens", "must be >= 1")
+        _check(self.max_waiting >= 0, "batch.max_waiting", "must be >= 0")
         _check(self.max_batch_size >= 1, "batch.max_batch_size", "must be >= 1")
         _check(self.batch_wait_timeout_s >= 0, "batch.batch_wait_timeout_s", "must be >= 0")
+
+    @property
+    def capacity(self) -> int:
+        """The most sequences decoding together (what one request's prompts x n may not exceed)."""
+        return self.max_num_seqs if self.scheduler == "continuous" else self.max_batch_size
 
 
 @dataclass
@@ -114,7 +135,7 @@ class ServeConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     """Replicas, autoscaling and resources per replica."""
     batch: BatchConfig = field(default_factory=BatchConfig)
-    """Dynamic batching."""
+    """Batching: the scheduler and its limits."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Request limits."""
 
@@ -122,8 +143,9 @@ class ServeConfig:
         _check(bool(self.model), "model", "must be given")
         _check(0 <= self.port < 65536, "port", "must be a port number")
         _check(self.route_prefix.startswith("/"), "route_prefix", "must start with /")
-        _check(self.deployment.max_ongoing_requests >= self.batch.max_batch_size, "deployment.max_ongoing_requests",
-               "must be >= batch.max_batch_size (a replica could never fill a batch)")
+        which = "batch.max_num_seqs" if self.batch.scheduler == "continuous" else "batch.max_batch_size"
+        _check(self.deployment.max_ongoing_requests >= self.batch.capacity, "deployment.max_ongoing_requests",
+               f"must be >= {which} (a replica could never fill a batch)")
 
     @property
     def served_name(self) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -75,7 +76,12 @@ class Row:
     finish_reason: Optional[str] = None
     """"length", "stop", "cancelled", or "error" (then ``error`` holds the exception)."""
     error: Optional[BaseException] = None
-    # incremental detokenization (offsets into prompt_ids + token_ids) and the text not yet released
+    t_first: Optional[float] = None
+    """time.perf_counter() when the row's first token came (time to first token, in the server's metrics)."""
+    t_done: Optional[float] = None
+    """time.perf_counter() when the row ended."""
+    # the row's own generator (``start_rows``), incremental detokenization (offsets into prompt_ids + token_ids) and the text not yet released
+    _gen: Any = None
     _prefix: int = 0
     _read: int = 0
     _pending: str = ""
@@ -119,7 +125,7 @@ def sample_row(logits: Any, temperature: float, top_p: float, generator: Any) ->
 def fail_row(r: Row, error: BaseException) -> None:
     """End ``r`` alone: finish_reason "error", nothing more released (its sink hears the end)."""
     log.warning("a row failed and ends alone: %s: %s", type(error).__name__, error)
-    r.error, r.finish_reason, r._pending = error, "error", ""
+    r.error, r.finish_reason, r._pending, r.t_done = error, "error", "", time.perf_counter()
     if r.sink is not None:
         try:
             r.sink("", "error")
@@ -127,30 +133,56 @@ def fail_row(r: Row, error: BaseException) -> None:
             log.warning("the failed row's sink failed too", exc_info=True)
 
 
-class RowSampler:
-    """Logits processor: each row drawn with its own params and generator; the draw becomes the argmax."""
+def start_rows(rows: list[Row], device: Any) -> None:
+    """Ready rows for decoding: each its own ``torch.Generator`` on ``device`` (seeded with ``params.seed``, or
+    from os.urandom) and its detokenization offsets. A seed the generator refuses ends that row alone."""
+    import torch
 
-    def __init__(self, rows: list[Row], device: Any):
-        import torch
+    for r in rows:
+        r._prefix, r._read = max(len(r.prompt_ids) - _PREFIX_TOKENS, 0), len(r.prompt_ids)
+        r._gen = torch.Generator(device=device)
+        seed = r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        try:
+            r._gen.manual_seed(seed % SEED_MODULUS)
+        except Exception as e:  # noqa: BLE001 - this row ends; the others go on
+            fail_row(r, e)
 
-        self.rows = rows
-        self.gens: list = []
-        for r in rows:
-            g = torch.Generator(device=device)
-            seed = r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+
+def pick_tokens(rows: list[Row], logits: Any) -> list[Optional[int]]:
+    """Each row's next token from ``logits`` (B, V): the argmax for greedy rows (one argmax for the batch), a draw
+    with the row's own generator for the others; None for rows that are done or fail here (``fail_row``)."""
+    import torch
+
+    greedy = torch.argmax(logits, dim=-1).tolist()
+    out: list[Optional[int]] = []
+    for i, r in enumerate(rows):
+        if r.done:
+            out.append(None)
+        elif is_greedy(r.params.temperature):
+            out.append(greedy[i])
+        else:
             try:
-                g.manual_seed(seed % SEED_MODULUS)
-            except Exception as e:  # noqa: BLE001 - this row ends; the others go on
+                out.append(sample_row(logits[i], r.params.temperature, r.params.top_p, r._gen))
+            except Exception as e:  # noqa: BLE001 - e.g. NaN logits: this row ends; the others go on
                 fail_row(r, e)
-            self.gens.append(g)
+                out.append(None)
+    return out
+
+
+class RowSampler:
+    """Logits processor for ``generate``: each row drawn with its own params and generator (``start_rows``); the
+    draw becomes the argmax."""
+
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:  # (B, T), (B, V) -> (B, V)
         out = None
-        for i, (r, g) in enumerate(zip(self.rows, self.gens)):
+        for i, r in enumerate(self.rows):
             if is_greedy(r.params.temperature) or r.done:
                 continue  # greedy rows (and finished ones) keep their scores: generate takes the argmax
             try:
-                tok = sample_row(scores[i], r.params.temperature, r.params.top_p, g)
+                tok = sample_row(scores[i], r.params.temperature, r.params.top_p, r._gen)
             except Exception as e:  # noqa: BLE001 - e.g. NaN logits: this row ends; the others go on
                 fail_row(r, e)
                 continue
@@ -166,9 +198,6 @@ class RowStopper:
 
     def __init__(self, rows: list[Row], tokenizer: Any, eos_ids: set[int]):
         self.rows, self.tok, self.eos = rows, tokenizer, eos_ids
-        for r in rows:
-            r._prefix = max(len(r.prompt_ids) - _PREFIX_TOKENS, 0)
-            r._read = len(r.prompt_ids)
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # (B, T) -> (B,) bool
         import torch
@@ -178,7 +207,7 @@ class RowStopper:
         for r, t in zip(self.rows, new):
             if not r.done:
                 try:
-                    self._step(r, int(t))
+                    self.step(r, int(t))
                 except Exception as e:  # noqa: BLE001 - a decode or sink error ends this row only
                     fail_row(r, e)
             done.append(r.done)
@@ -187,13 +216,16 @@ class RowStopper:
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def _step(self, r: Row, token: int) -> None:
+    def step(self, r: Row, token: int) -> None:
+        """Append ``token`` to ``r``, release the text it completes, and end the row where it should end."""
         if r.cancelled:
-            self._finish(r, "cancelled", flush=False)
+            self.finish(r, "cancelled", flush=False)
             return
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
         r.token_ids.append(token)
         if token in self.eos and not r.params.ignore_eos:
-            self._finish(r, "stop")
+            self.finish(r, "stop")
             return
         ids = r.prompt_ids + r.token_ids
         before = self._decode(ids[r._prefix:r._read])
@@ -202,9 +234,9 @@ class RowStopper:
             r._pending += now[len(before):]
             r._prefix, r._read = r._read, len(ids)
         if self._cut_at_stop(r):
-            self._finish(r, "stop", flush=False)
+            self.finish(r, "stop", flush=False)
         elif len(r.token_ids) >= r.params.max_tokens:
-            self._finish(r, "length")
+            self.finish(r, "length")
         else:  # release what cannot be the start of a stop string
             self._emit(r, r._pending[: len(r._pending) - self._hold(r)])
 
@@ -231,10 +263,12 @@ class RowStopper:
         r._pending = r._pending[len(delta):]
         r.text += delta
         r.finish_reason = finish
+        if finish is not None:
+            r.t_done = time.perf_counter()
         if r.sink is not None and (delta or finish is not None):
             r.sink(delta, finish)
 
-    def _finish(self, r: Row, reason: str, flush: bool = True) -> None:
+    def finish(self, r: Row, reason: str, flush: bool = True) -> None:
         """End the row; ``flush``: first release every token still undecoded (a split UTF-8 character included)."""
         if flush:
             ids = r.prompt_ids + r.token_ids  # EOS is a special token: decoding skips it
@@ -287,6 +321,10 @@ class Engine:
 
     # -- generation
 
+    def start(self, rows: list[Row]) -> None:
+        """Ready rows for decoding (``start_rows``): both schedulers call this before a row's first token."""
+        start_rows(rows, self.device)
+
     def run(self, rows: list[Row]) -> list[Row]:
         """Generate every row (in place; also returned). Rows may differ in prompt, length and sampling."""
         import torch
@@ -303,6 +341,7 @@ class Engine:
             if r.prompt_ids:
                 ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
                 mask[i, longest - len(r.prompt_ids):] = 1
+        self.start(rows)
         stopper = RowStopper(rows, self.tok, self.eos_ids)
         # eos_token_id []: EOS is RowStopper's (per row, ignore_eos); None would bring back the model's own
         gc = GenerationConfig(max_new_tokens=max(r.params.max_tokens for r in rows), do_sample=False,
@@ -310,9 +349,9 @@ class Engine:
         with torch.inference_mode():
             self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 generation_config=gc, cache=generation_cache(self.model),
-                                logits_processor=LogitsProcessorList([RowSampler(rows, self.device)]),
+                                logits_processor=LogitsProcessorList([RowSampler(rows)]),
                                 stopping_criteria=StoppingCriteriaList([stopper]))
         for r in rows:  # generate ended (every row stopped, or its own limit): nothing stays open
             if not r.done:
-                stopper._finish(r, "cancelled" if r.cancelled else "length")
+                stopper.finish(r, "cancelled" if r.cancelled else "length")
         return rows

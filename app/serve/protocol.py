@@ -24,9 +24,10 @@ class APIError(Exception):
     """An error the API returns as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
     def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)

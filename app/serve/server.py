@@ -1,13 +1,18 @@
 """The OpenAI-compatible HTTP server: a Ray Serve deployment with a FastAPI ingress.
 
     POST /v1/completions        POST /v1/chat/completions   (both: ``"stream": true`` for server-sent events)
-    GET  /v1/models             GET  /health
+    GET  /v1/models             GET  /health                GET  /metrics (Prometheus text)
 
-Requests are batched dynamically (``@serve.batch``; size and wait from ``batch``): one batch's rows (requests x n)
-are decoded together by ``generate.Engine`` and each request gets its rows back, or its text as it comes.
+Requests are batched by one of two schedulers (``batch.scheduler``). ``continuous`` (the default): the replica's
+decode loop (``scheduler.ContinuousScheduler``) admits requests into the running batch at every step and retires
+each row as soon as it ends, so throughput follows load and a request that comes alone waits for nobody.
+``static``: Ray Serve's ``@serve.batch`` (size and wait from ``batch``); one batch's rows (requests x n) are decoded
+together by ``generate.Engine.run`` to the end of the batch. Either way each request gets its rows back, or its
+text as it comes.
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 a value the server cannot
 honour, 401 a missing or wrong API key, 404 an unknown model or route, 413 a body over ``limits.max_body_bytes``,
-422 a body that does not fit the schema, 500 a failure while generating; the replica carries on after each.
+422 a body that does not fit the schema, 500 a failure while generating, 503 the replica's queue is full
+(``batch.max_waiting``; with ``Retry-After``); the replica carries on after each.
 A 500 says only that generation failed, with the request's id; what failed goes to the replica's log.
 
 One request cannot fail or stall the others: its values are checked before it joins a batch (seed, temperature,
@@ -34,7 +39,7 @@ from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +47,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.serve import protocol as P
 from app.serve.config import ServeConfig
 from app.serve.generate import Engine, Row
+from app.serve.metrics import ServeMetrics
+from app.serve.scheduler import ContinuousScheduler, QueueFull
 
 log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: the lines land in the replica's log
 
@@ -53,7 +60,7 @@ api = FastAPI(title="Distillery", description="OpenAI-compatible inference for d
 
 @api.exception_handler(P.APIError)
 async def _api_error(request: Request, exc: P.APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -154,9 +161,11 @@ def read_api_key(cfg: ServeConfig) -> Optional[str]:
 
 @dataclass
 class Job:
-    """One request's rows, as one item of a batch."""
+    """One request's rows, as one item of a static batch."""
 
     rows: list[Row]
+    t_arrival: float
+    started: bool = False
 
 
 def _rows_in(jobs: list[Job]) -> int:
@@ -165,6 +174,14 @@ def _rows_in(jobs: list[Job]) -> int:
 
 def _sse(obj: Union[dict, str]) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def _replica_id() -> str:
+    """This replica's id in Serve (a label of its metrics), or "local" outside a replica."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a replica (a test builds the class itself)
+        return "local"
 
 
 def pin_replica_grpc() -> None:
@@ -189,8 +206,9 @@ def pin_replica_grpc() -> None:
 
 
 class Replica:
-    """One replica: the model loaded once, requests batched into ``Engine.run`` on a worker thread.
-    (``StudentServer`` below is this class as a Serve deployment; ``engine`` lets a test give its own.)"""
+    """One replica: the model loaded once; requests decoded by the continuous scheduler's loop, or batched into
+    ``Engine.run`` on a worker thread (static). (``StudentServer`` below is this class as a Serve deployment;
+    ``engine`` lets a test give its own.)"""
 
     def __init__(self, config: dict, engine: Optional[Engine] = None):
         from app.config import _build
@@ -209,22 +227,44 @@ class Replica:
         self.created = int(time.time())
         # ids a prompt may hold: known to the tokenizer and inside the embedding (either may be padded)
         self.vocab = min(len(self.engine.tok), self.engine.model.get_input_embeddings().num_embeddings)
-        self.stats = {"batches": 0, "sequences": 0, "largest_batch": 0, "generated_tokens": 0, "cancelled": 0,
-                      "failed": 0}
+        b = self.cfg.batch
+        self._static = {"running": 0, "waiting": 0}  # rows in the engine now, requests queued for a batch
+        self.scheduler: Optional[ContinuousScheduler] = None
+        self.metrics = ServeMetrics(_replica_id(), lambda: self.scheduler.running if self.scheduler else
+                                    self._static["running"], lambda: self.scheduler.waiting if self.scheduler else
+                                    self._static["waiting"])
         self._window = self._new_window()
-        self._batch.set_max_batch_size(self.cfg.batch.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.cfg.batch.batch_wait_timeout_s)
-        log.info("serving %s as %r on %s (batch %d, wait %.3fs, api key %s)", self.cfg.model, self.name,
-                 self.engine.device, self.cfg.batch.max_batch_size, self.cfg.batch.batch_wait_timeout_s,
+        if b.scheduler == "continuous":
+            self.scheduler = ContinuousScheduler(self.engine, max_num_seqs=b.max_num_seqs,
+                                                 max_prefill_tokens=b.max_prefill_tokens, max_waiting=b.max_waiting,
+                                                 metrics=self.metrics)
+            how = f"continuous batching: {b.max_num_seqs} sequences, {b.max_waiting} waiting"
+        else:
+            self._batch.set_max_batch_size(b.max_batch_size)
+            self._batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+            how = f"static batching: batch {b.max_batch_size}, wait {b.batch_wait_timeout_s:.3f}s"
+        log.info("serving %s as %r on %s (%s, api key %s)", self.cfg.model, self.name, self.engine.device, how,
                  "on" if key else "off")
+
+    @property
+    def stats(self) -> dict:
+        return self.metrics.summary()
 
     # -- routes
 
     @api.get("/health")
     async def health(self) -> dict:
-        """Liveness, and this replica's batching so far (batches run, sequences in them, the largest; sequences
-        stopped because their client went away, and sequences that failed)."""
-        return {"status": "ok", "model": self.name, **self.stats}
+        """Liveness, and this replica's batching: totals so far (decode steps or batches, sequences, the largest
+        batch, sequences stopped because their client went away, sequences that failed, requests refused),
+        running and waiting now, and over the last minute tokens/s and median TTFT and time per output token."""
+        return {"status": "ok", "model": self.name, "scheduler": self.cfg.batch.scheduler, **self.stats}
+
+    @api.get("/metrics")
+    async def prometheus(self) -> Response:
+        """This replica's metrics in Prometheus text format (``metrics.ServeMetrics``)."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -263,10 +303,9 @@ class Replica:
                              param="model", code="model_not_found", type="not_found_error")
 
     def _check_count(self, prompts: int, req: Any) -> None:
-        n = P.choices_per_prompt(req)
-        if prompts * n > self.cfg.batch.max_batch_size:
-            raise P.APIError(400, f"{prompts} prompts x n={n} sequences is more than a batch holds "
-                                  f"({self.cfg.batch.max_batch_size})", param="n")
+        n, most = P.choices_per_prompt(req), self.cfg.batch.capacity
+        if prompts * n > most:
+            raise P.APIError(400, f"{prompts} prompts x n={n} sequences is more than a batch holds ({most})", param="n")
 
     def _check_length(self, ids: list[int], param: str = "prompt") -> list[int]:
         limit = self.cfg.limits.max_prompt_tokens
@@ -323,12 +362,18 @@ class Replica:
                 for ids in prompts for j in range(n)]
         rid, created = P.new_id("chatcmpl" if chat else "cmpl"), P.now()
         prompt_tokens = sum(len(p) for p in prompts)
+        events: Optional[asyncio.Queue] = None
+        if req.stream:  # the sinks are in place before the rows can start
+            loop, events = asyncio.get_running_loop(), asyncio.Queue()
+            for i, r in enumerate(rows):  # called on the engine's thread: hand each delta to this loop
+                r.sink = lambda delta, finish, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, delta, finish))
+        ticket = self._submit(rows)  # a full queue is refused here, before any response starts
         if req.stream:
-            return StreamingResponse(self._stream(rows, rid, created, prompt_tokens, chat,
+            return StreamingResponse(self._stream(rows, ticket, events, rid, created, prompt_tokens, chat,
                                                   bool(req.stream_options and req.stream_options.include_usage)),
                                      media_type="text/event-stream")
         try:
-            await self._batch(Job(rows))
+            await self._wait(rows, ticket)
         except asyncio.CancelledError:  # the client went away (Serve cancels the request): stop its rows
             for r in rows:
                 r.cancelled = True
@@ -345,14 +390,34 @@ class Replica:
         return P.completion(rid, self.name, created,
                             [P.completion_choice(i, r.text, r.finish_reason) for i, r in enumerate(rows)], use)
 
-    async def _stream(self, rows: list[Row], rid: str, created: int, prompt_tokens: int, chat: bool,
-                      include_usage: bool):
+    def _submit(self, rows: list[Row]) -> Any:
+        """Continuous: queue the rows now (503 when the replica's queue is full); static: nothing yet (None)."""
+        if self.scheduler is None:
+            return None
+        try:
+            return self.scheduler.submit(rows)
+        except QueueFull as e:
+            raise P.APIError(503, f"the server is overloaded ({e}); retry later", type="server_error",
+                             code="server_overloaded", headers={"Retry-After": "1"}) from e
+
+    async def _wait(self, rows: list[Row], ticket: Any) -> None:
+        """Until every row has ended: the continuous scheduler's ticket, or a static batch."""
+        if ticket is not None:
+            await self.scheduler.wait(ticket)
+            return
+        job = Job(rows, time.perf_counter())
+        self._static["waiting"] += 1
+        try:
+            await self._batch(job)
+        finally:
+            if not job.started:  # cancelled while it waited for a batch
+                self._static["waiting"] -= 1
+
+    async def _stream(self, rows: list[Row], ticket: Any, events: asyncio.Queue, rid: str, created: int,
+                      prompt_tokens: int, chat: bool, include_usage: bool):
         """Server-sent events of ``rows`` as they decode. A failure (a row of this request, or the batch) sends
         one error event and ends the stream there: no usage chunk, no ``[DONE]``."""
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        for i, r in enumerate(rows):  # called on the engine's thread: hand each delta to this loop
-            r.sink = lambda delta, finish, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, delta, finish))
-        task = asyncio.ensure_future(self._batch(Job(rows)))
+        task = asyncio.ensure_future(self._wait(rows, ticket))
         task.add_done_callback(lambda t: events.put_nowait(("end", None if t.cancelled() else t.exception(), None)))
         try:
             if chat:
@@ -389,19 +454,30 @@ class Replica:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows_in)
     async def _batch(self, jobs: list[Job]) -> list[None]:
+        """The static scheduler: one batch of requests through ``Engine.run``, to its end."""
         rows = [r for j in jobs for r in j.rows]
         t0 = time.perf_counter()
-        await asyncio.to_thread(self.engine.run, rows)
+        for j in jobs:
+            j.started = True
+        self._static["waiting"] -= len(jobs)
+        self._static["running"] += len(rows)
+        try:
+            await asyncio.to_thread(self.engine.run, rows)
+        except Exception:
+            for j in jobs:
+                self.metrics.request_done(j.rows, j.t_arrival, "failed")
+            raise
+        finally:
+            self._static["running"] -= len(rows)
         dt = time.perf_counter() - t0
+        self.metrics.step(len(rows))
+        for j in jobs:
+            self.metrics.request_done(j.rows, j.t_arrival, "failed" if any(r.error for r in j.rows) else "ok")
         tokens = sum(r.completion_tokens for r in rows)
-        for d in (self.stats, self._window):
-            d["batches"] += 1
-            d["sequences"] += len(rows)
-            d["generated_tokens"] += tokens
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-        self.stats["cancelled"] += sum(r.finish_reason == "cancelled" for r in rows)
-        self.stats["failed"] += sum(r.finish_reason == "error" for r in rows)
         w = self._window
+        w["batches"] += 1
+        w["sequences"] += len(rows)
+        w["generated_tokens"] += tokens
         w["busy"] += dt
         log.debug("batch: %d requests, %d sequences, %d tokens in %.2fs", len(jobs), len(rows), tokens, dt)
         span = time.monotonic() - w["since"]
