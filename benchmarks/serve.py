@@ -7,8 +7,9 @@ Three copies of the same application run at once on 127.0.0.1, one replica each:
 /cont (``batch.max_num_seqs`` = the highest concurrency), Ray Serve's static ``@serve.batch`` under /static
 (``max_batch_size`` = the highest concurrency, ``batch_wait_timeout_s`` = ``--batch-wait``) and no batching under
 /off (static, ``max_batch_size=1``). For each concurrency c, the three are measured one after the other on the
-same requests: 4c of them (at least 16), c in flight at a time, streamed (``stream: true``), sent by the official
-``openai`` async client. Prompts are real text from this machine (package descriptions and licences), 16 to 128
+same requests: 4c of them (at least 16), c in flight at a time, sent by the official ``openai`` async client,
+twice: whole answers (throughput, latency), then streamed (``stream: true``: time to first token, and the
+streamed throughput). Prompts are real text from this machine (package descriptions and licences), 16 to 128
 tokens; every request generates exactly ``--max-tokens`` tokens (``ignore_eos``), greedy. Throughput is
 generated tokens / wall time; latency is per request, end to end; TTFT is the time to the first streamed text.
 "batch" is the mean number of sequences per decode step (continuous) or per batch (static), from /health.
@@ -87,7 +88,7 @@ def health(base: str) -> dict:
     return requests.get(base[: -len("/v1")] + "/health", timeout=30).json()
 
 
-async def load(base: str, name: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+async def load(base: str, name: str, texts: list[str], concurrency: int, max_tokens: int, stream: bool) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
@@ -97,14 +98,16 @@ async def load(base: str, name: str, texts: list[str], concurrency: int, max_tok
     async def one(p: str) -> None:
         async with gate:
             t0, first, n = time.perf_counter(), None, 0
-            async for c in await client.completions.create(model=name, prompt=p, max_tokens=max_tokens,
-                                                           temperature=0, stream=True,
-                                                           stream_options={"include_usage": True},
-                                                           extra_body={"ignore_eos": True}):
-                if first is None and c.choices and c.choices[0].text:
-                    first = time.perf_counter() - t0
-                if c.usage is not None:
-                    n = c.usage.completion_tokens
+            kw = dict(model=name, prompt=p, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+            if not stream:
+                n = (await client.completions.create(**kw)).usage.completion_tokens
+            else:
+                async for c in await client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                               **kw):
+                    if first is None and c.choices and c.choices[0].text:
+                        first = time.perf_counter() - t0
+                    if c.usage is not None:
+                        n = c.usage.completion_tokens
             lat.append(time.perf_counter() - t0)
             ttft.append(first if first is not None else lat[-1])
             tokens.append(n)
@@ -117,7 +120,7 @@ async def load(base: str, name: str, texts: list[str], concurrency: int, max_tok
     after = health(base)
     q = statistics.quantiles(lat, n=20)
     steps = after["batches"] - before["batches"]
-    return {"requests": len(texts), "tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
+    return {"prefills": after.get("prefills", 0) - before.get("prefills", 0), "requests": len(texts), "tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
             "p50_s": statistics.median(lat), "p95_s": q[18], "ttft_p50_s": statistics.median(ttft),
             "ttft_p95_s": statistics.quantiles(ttft, n=20)[18], "steps": steps,
             "mean_batch": (after["row_steps"] - before["row_steps"]) / max(steps, 1)}
@@ -193,12 +196,17 @@ def main() -> None:
         serve.run(application(cfg), name=f"bench-{mode}", route_prefix=f"/{mode}", blocking=False)
     base = {m: f"http://127.0.0.1:{port}/{m}/v1" for m in modes}
     for m in modes:  # warm-up: first forward, allocator, connections
-        asyncio.run(load(base[m], "bench", texts[:4], 4, args.max_tokens))
+        asyncio.run(load(base[m], "bench", texts[:4], 4, args.max_tokens, True))
 
     rows = []
     for c in args.concurrency:
         batch = texts[: max(4 * c, 16)]
-        res = {m: asyncio.run(load(base[m], "bench", batch, c, args.max_tokens)) for m in modes}
+        res = {}
+        for m in modes:  # throughput and latency without streaming; time to first token from a streamed pass
+            res[m] = asyncio.run(load(base[m], "bench", batch, c, args.max_tokens, False))
+            streamed = asyncio.run(load(base[m], "bench", batch, c, args.max_tokens, True))
+            res[m].update({"ttft_p50_s": streamed["ttft_p50_s"], "ttft_p95_s": streamed["ttft_p95_s"],
+                           "streamed_tokens_per_s": streamed["tokens_per_s"], "streamed_p50_s": streamed["p50_s"]})
         rows.append({"concurrency": c, **{m: res[m] for m in modes},
                      "cont_vs_static": res["cont"]["tokens_per_s"] / res["static"]["tokens_per_s"],
                      "cont_vs_off_p50": res["cont"]["p50_s"] / res["off"]["p50_s"]})
@@ -214,16 +222,18 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(info, f, indent=1)
     print(f"model {model} ({n_params / 1e6:.1f}M parameters), {args.max_tokens} tokens per request, "
-          f"replica {args.replica_cpus} CPU / {args.replica_gpus} GPU, streamed")
+          f"replica {args.replica_cpus} CPU / {args.replica_gpus} GPU")
     if offline:
         print(f"engine alone (Engine.run): batch 1 {offline['batch_1_tokens_per_s']:.1f} tok/s, "
               f"batch 32 {offline['batch_32_tokens_per_s']:.1f} tok/s")
-    print(f"{'conc':>4} | {'mode':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'ttft50':>6} {'ttft95':>6} {'batch':>5}")
+    print(f"{'conc':>4} | {'mode':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'batch':>5} | streamed: {'tok/s':>7} "
+          f"{'ttft50':>6} {'ttft95':>6}")
     for r in rows:
         for m in modes:
             x = r[m]
             print(f"{r['concurrency']:>4} | {m:>6} {x['tokens_per_s']:>7.1f} {x['p50_s']:>6.2f} {x['p95_s']:>6.2f} "
-                  f"{x['ttft_p50_s']:>6.3f} {x['ttft_p95_s']:>6.3f} {x['mean_batch']:>5.1f}")
+                  f"{x['mean_batch']:>5.1f} |           {x['streamed_tokens_per_s']:>7.1f} {x['ttft_p50_s']:>6.3f} "
+                  f"{x['ttft_p95_s']:>6.3f}")
         line = (f"     continuous / static {r['cont_vs_static']:.2f}x, continuous p50 / max_batch_size=1 p50 "
                 f"{r['cont_vs_off_p50']:.2f}")
         if offline and r["concurrency"] >= 32:

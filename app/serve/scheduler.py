@@ -55,6 +55,36 @@ def _resolve(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
+class _Window:
+    """What the loop did over the last 10 s, for one log line: decode steps and their rows, prefills and their
+    rows, and the share of the time spent in each (the rest: idle, or the event loop's work)."""
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+        self.steps = self.rows = self.prefills = self.prefill_rows = 0
+        self.step_s = self.prefill_s = 0.0
+
+    def stepped(self, rows: int, dt: float) -> None:
+        self.steps, self.rows, self.step_s = self.steps + 1, self.rows + rows, self.step_s + dt
+
+    def prefilled(self, rows: int, dt: float) -> None:
+        self.prefills, self.prefill_rows, self.prefill_s = self.prefills + 1, self.prefill_rows + rows, \
+            self.prefill_s + dt
+
+    def due(self) -> bool:
+        return time.monotonic() - self.since >= 10
+
+    def report(self) -> None:
+        span = time.monotonic() - self.since
+        if self.steps:
+            log.info("last %.0fs: %d steps of %.1f rows (%.1f ms each, %.0f%% of the time), %d prefills of %.1f rows "
+                     "(%.1f ms each, %.0f%%), %.1f tokens/s decoded", span, self.steps, self.rows / self.steps,
+                     1e3 * self.step_s / self.steps, 100 * self.step_s / span, self.prefills,
+                     self.prefill_rows / max(self.prefills, 1), 1e3 * self.prefill_s / max(self.prefills, 1),
+                     100 * self.prefill_s / span, (self.rows + self.prefill_rows) / span)
+        self.__init__()
+
+
 class ContinuousScheduler:
     """The decode loop of one replica (see the module doc). ``generate(rows)`` is awaited from the event loop."""
 
@@ -69,6 +99,7 @@ class ContinuousScheduler:
         self._batch: Optional[Batch] = None
         self._owner: dict[int, _Request] = {}  # id(row) -> its request, until the row has ended
         self._closed = False
+        self._window = _Window()
         self._thread = threading.Thread(target=self._run, name="distillery-decode", daemon=True)
         self._thread.start()
 
@@ -128,6 +159,7 @@ class ContinuousScheduler:
     def _run(self) -> None:
         import torch
 
+        self._window = _Window()
         while True:
             with self._cv:
                 while not self._closed and not self._waiting and not self.running:
@@ -141,6 +173,8 @@ class ContinuousScheduler:
             except Exception:  # noqa: BLE001 - a bug here must not stop the replica's loop: end what was running
                 log.exception("the decode loop failed; the rows running in it end with an error")
                 self._fail_all(RuntimeError("the decode loop failed"))
+            if self._window.due():
+                self._window.report()
 
     def _admit(self) -> list[_Request]:
         """Requests to prefill this step (called holding the lock): first come first served, within the room left
@@ -174,6 +208,7 @@ class ContinuousScheduler:
             eng.start(rows)  # a seed the generator refuses ends its row here
             live = [r for r in rows if not r.done]
             if live:
+                t0 = time.perf_counter()
                 try:
                     new, logits = prefill(eng.model, live, eng.pad_id, self.attention)
                 except Exception as e:  # noqa: BLE001 - these requests end; the running ones go on
@@ -185,10 +220,11 @@ class ContinuousScheduler:
                         self.metrics.prefill()
                     self._advance(new, logits)
                     self._batch = merge(self._batch, new)
+                    self._window.prefilled(len(live), time.perf_counter() - t0)
             self._settle(rows)
             self._retire()
         if self.running:
-            batch = self._batch
+            batch, t0 = self._batch, time.perf_counter()
             try:
                 logits = decode(eng.model, batch)
             except Exception as e:  # noqa: BLE001 - the rows of this step end; the next requests are served
@@ -199,6 +235,7 @@ class ContinuousScheduler:
                 self.metrics.step(len(batch))
             self._advance(batch, logits)
             self._retire()
+            self._window.stepped(len(batch), time.perf_counter() - t0)
 
     def _advance(self, batch: Batch, logits: Any) -> None:
         """Sample each row's next token from ``logits`` (B, V), release its text, and make it the row's input for
