@@ -252,3 +252,36 @@ def test_batch_logits_equal_a_forward_over_each_row_alone(model):
         for step in range(7, 10):
             check(batch, decode(m, batch))
             feed(batch, step)
+
+
+def test_a_stream_whose_client_leaves_frees_its_place_for_the_next_request(model):
+    """Through the replica (no Serve): with one place, a streamed request read for two events and then dropped
+    (Starlette closes the body iterator when the client disconnects) ends "cancelled", and the request waiting
+    behind it gets the place and its answer."""
+    from app.serve import protocol as P
+    from app.serve.server import Replica
+
+    rep = Replica({"model": "unused", "model_name": "t", "api_key_env": None, "batch": {"max_num_seqs": 1},
+                   "limits": {"max_tokens": 400}}, engine=_scheduler(model).engine)
+    fw = Forwards(model.model, delay=0.005)
+
+    async def go():
+        resp = await rep.completions(P.CompletionRequest(model="t", prompt="the cat", max_tokens=400, stream=True,
+                                                         ignore_eos=True))
+        body = resp.body_iterator
+        got = [await body.__anext__(), await body.__anext__()]
+        follow = asyncio.ensure_future(rep.completions(P.CompletionRequest(model="t", prompt="a dog", max_tokens=3,
+                                                                           temperature=0, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        assert (rep.scheduler.running, rep.scheduler.waiting) == (1, 1)
+        await body.aclose()  # the client went away
+        out = await asyncio.wait_for(follow, 5)
+        return got, out
+    try:
+        got, out = asyncio.run(go())
+    finally:
+        fw.remove()
+        rep.scheduler.close()
+    assert all(g.startswith("data: ") for g in got)
+    assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 3
+    assert rep.stats["cancelled"] == 1 and rep.stats["generated_tokens"] < 200

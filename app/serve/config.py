@@ -63,8 +63,8 @@ class BatchConfig:
     """continuous: the prompt tokens one step may prefill (rows x the longest admitted prompt); a request that
     is over it alone is still admitted, by itself."""
     max_waiting: int = 64
-    """continuous: requests waiting in the replica for a place; more are refused at once with a 503
-    (code server_overloaded) instead of queueing without bound."""
+    """continuous: requests waiting in the replica for a place (every request waits there until the next step);
+    more are refused at once with a 503 (code server_overloaded) instead of queueing without bound."""
     max_batch_size: int = 32
     """static: sequences (requests x n) decoded together in one batch (Ray Serve @serve.batch). 1: no batching."""
     batch_wait_timeout_s: float = 0.05
@@ -75,7 +75,7 @@ class BatchConfig:
         _check(self.scheduler in ("continuous", "static"), "batch.scheduler", "must be continuous or static")
         _check(self.max_num_seqs >= 1, "batch.max_num_seqs", "must be >= 1")
         _check(self.max_prefill_tokens >= 1, "batch.max_prefill_tokens", "must be >= 1")
-        _check(self.max_waiting >= 0, "batch.max_waiting", "must be >= 0")
+        _check(self.max_waiting >= 1, "batch.max_waiting", "must be >= 1 (a request waits there until the next step)")
         _check(self.max_batch_size >= 1, "batch.max_batch_size", "must be >= 1")
         _check(self.batch_wait_timeout_s >= 0, "batch.batch_wait_timeout_s", "must be >= 0")
 

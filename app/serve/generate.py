@@ -1,5 +1,9 @@
 """Batched sampling with the model's own cache: the engine behind the OpenAI-compatible server.
 
+The per-row pieces here serve both schedulers: ``start_rows`` (each row's generator and detokenization offsets),
+``pick_tokens`` / ``sample_row`` (each row's draw), ``RowStopper.step`` (each row's text and end). The continuous
+scheduler (``app.serve.scheduler``) drives them from its own decode loop; the static one calls ``Engine.run``.
+
 ``Engine.run(rows)`` left-pads the prompts of many requests into one batch and runs transformers' ``generate``
 once: the prompts are prefilled in one forward, and every later step feeds one token per row with the cache
 (Mamba-2: the recurrent SSM state and the conv window, so a step costs O(1) in the sequence length; attention

@@ -82,7 +82,7 @@ class _Window:
                      1e3 * self.step_s / self.steps, 100 * self.step_s / span, self.prefills,
                      self.prefill_rows / max(self.prefills, 1), 1e3 * self.prefill_s / max(self.prefills, 1),
                      100 * self.prefill_s / span, (self.rows + self.prefill_rows) / span)
-        self.__init__()
+        self.__init__()  # a new window
 
 
 class ContinuousScheduler:
@@ -159,7 +159,6 @@ class ContinuousScheduler:
     def _run(self) -> None:
         import torch
 
-        self._window = _Window()
         while True:
             with self._cv:
                 while not self._closed and not self._waiting and not self.running:
