@@ -15,7 +15,8 @@ generated tokens / wall time; latency is per request, end to end; TTFT is the ti
 "batch" is the mean number of sequences per decode step (continuous) or per batch (static), from /health.
 
 Before Serve starts, the engine alone (``Engine.run``, no HTTP, no Serve, the replica's torch threads) decodes
-the first 32 prompts as one batch: the offline batch-32 rate the continuous scheduler is measured against.
+the first 32 prompts as one batch: the offline batch-32 rate the continuous scheduler is measured against; and
+the continuous scheduler runs alone, in this process, on 128 requests 32 at a time (what Serve and HTTP cost).
 Targets (issue 20): at concurrency 32, continuous >= 1.5x static and >= 0.8x the offline batch-32 rate; at
 concurrency 1, continuous p50 latency within 10% of max_batch_size=1.
 
@@ -120,7 +121,8 @@ async def load(base: str, name: str, texts: list[str], concurrency: int, max_tok
     after = health(base)
     q = statistics.quantiles(lat, n=20)
     steps = after["batches"] - before["batches"]
-    return {"prefills": after.get("prefills", 0) - before.get("prefills", 0), "requests": len(texts), "tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
+    return {"prefills": after.get("prefills", 0) - before.get("prefills", 0), "requests": len(texts),
+            "tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
             "p50_s": statistics.median(lat), "p95_s": q[18], "ttft_p50_s": statistics.median(ttft),
             "ttft_p95_s": statistics.quantiles(ttft, n=20)[18], "steps": steps,
             "mean_batch": (after["row_steps"] - before["row_steps"]) / max(steps, 1)}
@@ -134,8 +136,8 @@ def offline_rate(model: str, texts: list[str], max_tokens: int, threads: int) ->
 
     torch.set_num_threads(threads)
     eng = Engine.load(model, device="cpu")
-    rows = lambda k: [Row(eng.encode(t), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))  # noqa: E731
-                      for t in texts[:k]]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    rows = lambda k: [Row(eng.encode(t), params) for t in texts[:k]]  # noqa: E731
     eng.run(rows(4))  # warm-up
     out = {}
     for k in (1, 32):
@@ -146,7 +148,37 @@ def offline_rate(model: str, texts: list[str], max_tokens: int, threads: int) ->
             eng.run(batch)
             best = min(best, time.perf_counter() - t0)
         out[f"batch_{k}_tokens_per_s"] = k * max_tokens / best
+    out["scheduler_alone_tokens_per_s"] = scheduler_alone(eng, texts, max_tokens)
     return out
+
+
+def scheduler_alone(eng, texts: list[str], max_tokens: int, concurrency: int = 32) -> float:
+    """The continuous scheduler without Serve or HTTP: 4 x ``concurrency`` requests, ``concurrency`` at a time,
+    submitted from one event loop (a closed loop, as the clients are), in tokens/s."""
+    from app.serve.generate import Row, SamplingParams
+    from app.serve.scheduler import ContinuousScheduler
+
+    sch = ContinuousScheduler(eng, max_num_seqs=concurrency, max_prefill_tokens=4096, max_waiting=4 * concurrency)
+    ids = [eng.encode(t) for t in texts]
+
+    async def go(n: int) -> float:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(p: list[int]) -> int:
+            async with gate:
+                r = Row(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+                await sch.generate([r])
+                return r.completion_tokens
+
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(one(ids[i % len(ids)]) for i in range(n)))
+        return sum(done) / (time.perf_counter() - t0)
+
+    try:
+        asyncio.run(go(concurrency))  # warm-up
+        return asyncio.run(go(4 * concurrency))
+    finally:
+        sch.close()
 
 
 def main() -> None:
@@ -225,7 +257,8 @@ def main() -> None:
           f"replica {args.replica_cpus} CPU / {args.replica_gpus} GPU")
     if offline:
         print(f"engine alone (Engine.run): batch 1 {offline['batch_1_tokens_per_s']:.1f} tok/s, "
-              f"batch 32 {offline['batch_32_tokens_per_s']:.1f} tok/s")
+              f"batch 32 {offline['batch_32_tokens_per_s']:.1f} tok/s; the continuous scheduler alone (no Serve, "
+              f"concurrency 32) {offline['scheduler_alone_tokens_per_s']:.1f} tok/s")
     print(f"{'conc':>4} | {'mode':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'batch':>5} | streamed: {'tok/s':>7} "
           f"{'ttft50':>6} {'ttft95':>6}")
     for r in rows:
@@ -237,7 +270,8 @@ def main() -> None:
         line = (f"     continuous / static {r['cont_vs_static']:.2f}x, continuous p50 / max_batch_size=1 p50 "
                 f"{r['cont_vs_off_p50']:.2f}")
         if offline and r["concurrency"] >= 32:
-            line += f", continuous / engine batch-32 {r['cont']['tokens_per_s'] / offline['batch_32_tokens_per_s']:.2f}x"
+            ratio = r["cont"]["tokens_per_s"] / offline["batch_32_tokens_per_s"]
+            line += f", continuous / engine batch-32 {ratio:.2f}x"
         print(line)
     print(f"results: {args.out}")
 

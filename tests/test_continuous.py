@@ -84,7 +84,8 @@ def test_rows_joining_a_running_batch_equal_their_own_generate(model):
     lengths[3] = 2
     jobs, rows = [], []
     for i, (p, n) in enumerate(zip(prompts, lengths)):
-        req = [Row(sch.engine.encode(p), SamplingParams(max_tokens=n, temperature=0)) for _ in range(2 if i == 5 else 1)]
+        req = [Row(sch.engine.encode(p), SamplingParams(max_tokens=n, temperature=0))
+               for _ in range(2 if i == 5 else 1)]
         rows.append(req)
         jobs.append((0.012 * i, req))
     fw = Forwards(model.model, delay=0.004)
@@ -173,7 +174,8 @@ def test_a_full_queue_is_refused_at_once_with_a_503_and_serving_goes_on(model):
     from app.serve.server import Replica, _api_error
 
     rep = Replica({"model": "unused", "model_name": "t", "api_key_env": None,
-                   "batch": {"max_num_seqs": 1, "max_waiting": 1}, "limits": {"max_tokens": 400}},
+                   "batch": {"scheduler": "continuous", "max_num_seqs": 1, "max_waiting": 1},
+                   "limits": {"max_tokens": 400}},
                   engine=_scheduler(model).engine)
     fw = Forwards(model.model, delay=0.005)
     req = lambda n: P.CompletionRequest(model="t", prompt="the cat", max_tokens=n, temperature=0,  # noqa: E731
@@ -261,8 +263,9 @@ def test_a_stream_whose_client_leaves_frees_its_place_for_the_next_request(model
     from app.serve import protocol as P
     from app.serve.server import Replica
 
-    rep = Replica({"model": "unused", "model_name": "t", "api_key_env": None, "batch": {"max_num_seqs": 1},
-                   "limits": {"max_tokens": 400}}, engine=_scheduler(model).engine)
+    rep = Replica({"model": "unused", "model_name": "t", "api_key_env": None,
+                   "batch": {"scheduler": "continuous", "max_num_seqs": 1}, "limits": {"max_tokens": 400}},
+                  engine=_scheduler(model).engine)
     fw = Forwards(model.model, delay=0.005)
 
     async def go():

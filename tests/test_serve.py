@@ -671,9 +671,9 @@ def test_replicas_autoscaling_and_resources_reach_the_deployment():
     assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 6, 16.0)
     assert auto.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.5} and auto.max_ongoing_requests == 40
     with pytest.raises(ConfigError, match="deployment.max_ongoing_requests.*batch.max_num_seqs"):
-        load_config(ServeConfig, None, ["batch.max_num_seqs=256"])
+        load_config(ServeConfig, None, ["batch.scheduler=continuous", "batch.max_num_seqs=256"])
     with pytest.raises(ConfigError, match="deployment.max_ongoing_requests.*batch.max_batch_size"):
-        load_config(ServeConfig, None, ["batch.scheduler=static", "batch.max_batch_size=256"])
+        load_config(ServeConfig, None, ["batch.max_batch_size=256"])  # static, the default
     load_config(ServeConfig, None, ["batch.scheduler=continuous", "batch.max_batch_size=256"])  # static's only
 
 

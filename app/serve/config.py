@@ -53,10 +53,11 @@ class DeploymentConfig:
 
 @dataclass
 class BatchConfig:
-    scheduler: Literal["continuous", "static"] = "continuous"
+    scheduler: Literal["continuous", "static"] = "static"
     """continuous: one decode loop per replica; requests join the running batch at any step and leave it as soon
     as they end (app/serve/scheduler.py). static: Ray Serve's @serve.batch; a batch runs to its end and the
-    requests that came meanwhile form the next one (any causal LM; continuous needs a cache it can merge)."""
+    requests that came meanwhile form the next one (any causal LM; continuous needs a cache it can merge).
+    static stays the default until continuous meets issue 20's targets (benchmarks/RESULTS.md: not yet)."""
     max_num_seqs: int = 32
     """continuous: sequences (requests x n) decoding at once; more requests wait for a place."""
     max_prefill_tokens: int = 4096

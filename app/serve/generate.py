@@ -84,7 +84,8 @@ class Row:
     """time.perf_counter() when the row's first token came (time to first token, in the server's metrics)."""
     t_done: Optional[float] = None
     """time.perf_counter() when the row ended."""
-    # the row's own generator (``start_rows``), incremental detokenization (offsets into prompt_ids + token_ids) and the text not yet released
+    # the row's own generator (``start_rows``); incremental detokenization (offsets into prompt_ids + token_ids)
+    # and the text not yet released
     _gen: Any = None
     _prefix: int = 0
     _read: int = 0

@@ -3,12 +3,12 @@
     POST /v1/completions        POST /v1/chat/completions   (both: ``"stream": true`` for server-sent events)
     GET  /v1/models             GET  /health                GET  /metrics (Prometheus text)
 
-Requests are batched by one of two schedulers (``batch.scheduler``). ``continuous`` (the default): the replica's
-decode loop (``scheduler.ContinuousScheduler``) admits requests into the running batch at every step and retires
-each row as soon as it ends, so throughput follows load and a request that comes alone waits for nobody.
-``static``: Ray Serve's ``@serve.batch`` (size and wait from ``batch``); one batch's rows (requests x n) are decoded
-together by ``generate.Engine.run`` to the end of the batch. Either way each request gets its rows back, or its
-text as it comes.
+Requests are batched by one of two schedulers (``batch.scheduler``). ``continuous``: the replica's decode loop
+(``scheduler.ContinuousScheduler``) admits requests into the running batch at every step and retires each row as
+soon as it ends, so throughput follows load and a request that comes alone waits for nobody. ``static`` (the
+default for now): Ray Serve's ``@serve.batch`` (size and wait from ``batch``); one batch's rows (requests x n) are
+decoded together by ``generate.Engine.run`` to the end of the batch. Either way each request gets its rows back,
+or its text as it comes.
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 a value the server cannot
 honour, 401 a missing or wrong API key, 404 an unknown model or route, 413 a body over ``limits.max_body_bytes``,
 422 a body that does not fit the schema, 500 a failure while generating, 503 the replica's queue is full
