@@ -10,7 +10,8 @@ Three copies of the same application run at once on 127.0.0.1, one replica each:
 same requests: 4c of them (at least 16), c in flight at a time, sent by the official ``openai`` async client,
 twice: whole answers (throughput, latency), then streamed (``stream: true``: time to first token, and the
 streamed throughput). Prompts are real text from this machine (package descriptions and licences), 16 to 128
-tokens; every request generates exactly ``--max-tokens`` tokens (``ignore_eos``), greedy. Throughput is
+tokens; every request generates exactly ``--max-tokens`` tokens (``ignore_eos``), greedy (``--mixed``: each its
+own count, from a quarter to 7/4 of ``--max-tokens``, the same draw for every mode). Throughput is
 generated tokens / wall time; latency is per request, end to end; TTFT is the time to the first streamed text.
 "batch" is the mean number of sequences per decode step (continuous) or per batch (static), from /health.
 
@@ -89,14 +90,14 @@ def health(base: str) -> dict:
     return requests.get(base[: -len("/v1")] + "/health", timeout=30).json()
 
 
-async def load(base: str, name: str, texts: list[str], concurrency: int, max_tokens: int, stream: bool) -> dict:
+async def load(base: str, name: str, texts: list[str], concurrency: int, lengths: list[int], stream: bool) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
     lat, ttft, tokens = [], [], []
 
-    async def one(p: str) -> None:
+    async def one(p: str, max_tokens: int) -> None:
         async with gate:
             t0, first, n = time.perf_counter(), None, 0
             kw = dict(model=name, prompt=p, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
@@ -115,7 +116,7 @@ async def load(base: str, name: str, texts: list[str], concurrency: int, max_tok
 
     before = health(base)
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(p) for p in texts))
+    await asyncio.gather(*(one(p, n) for p, n in zip(texts, lengths)))
     wall = time.perf_counter() - t0
     await client.close()
     after = health(base)
@@ -128,7 +129,7 @@ async def load(base: str, name: str, texts: list[str], concurrency: int, max_tok
             "mean_batch": (after["row_steps"] - before["row_steps"]) / max(steps, 1)}
 
 
-def offline_rate(model: str, texts: list[str], max_tokens: int, threads: int) -> dict:
+def offline_rate(model: str, texts: list[str], lengths: list[int], threads: int) -> dict:
     """The engine alone: the first 32 prompts decoded as one batch by ``Engine.run`` (best of 3), in tokens/s."""
     import torch
 
@@ -136,8 +137,8 @@ def offline_rate(model: str, texts: list[str], max_tokens: int, threads: int) ->
 
     torch.set_num_threads(threads)
     eng = Engine.load(model, device="cpu")
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    rows = lambda k: [Row(eng.encode(t), params) for t in texts[:k]]  # noqa: E731
+    rows = lambda k: [Row(eng.encode(t), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))  # noqa: E731
+                      for t, n in zip(texts[:k], lengths)]
     eng.run(rows(4))  # warm-up
     out = {}
     for k in (1, 32):
@@ -147,12 +148,12 @@ def offline_rate(model: str, texts: list[str], max_tokens: int, threads: int) ->
             t0 = time.perf_counter()
             eng.run(batch)
             best = min(best, time.perf_counter() - t0)
-        out[f"batch_{k}_tokens_per_s"] = k * max_tokens / best
-    out["scheduler_alone_tokens_per_s"] = scheduler_alone(eng, texts, max_tokens)
+        out[f"batch_{k}_tokens_per_s"] = sum(lengths[:k]) / best
+    out["scheduler_alone_tokens_per_s"] = scheduler_alone(eng, texts, lengths)
     return out
 
 
-def scheduler_alone(eng, texts: list[str], max_tokens: int, concurrency: int = 32) -> float:
+def scheduler_alone(eng, texts: list[str], lengths: list[int], concurrency: int = 32) -> float:
     """The continuous scheduler without Serve or HTTP: 4 x ``concurrency`` requests, ``concurrency`` at a time,
     submitted from one event loop (a closed loop, as the clients are), in tokens/s."""
     from app.serve.generate import Row, SamplingParams
@@ -164,14 +165,14 @@ def scheduler_alone(eng, texts: list[str], max_tokens: int, concurrency: int = 3
     async def go(n: int) -> float:
         gate = asyncio.Semaphore(concurrency)
 
-        async def one(p: list[int]) -> int:
+        async def one(p: list[int], max_tokens: int) -> int:
             async with gate:
                 r = Row(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
                 await sch.generate([r])
                 return r.completion_tokens
 
         t0 = time.perf_counter()
-        done = await asyncio.gather(*(one(ids[i % len(ids)]) for i in range(n)))
+        done = await asyncio.gather(*(one(ids[i % len(ids)], lengths[i % len(ids)]) for i in range(n)))
         return sum(done) / (time.perf_counter() - t0)
 
     try:
@@ -189,6 +190,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--mixed", action="store_true", help="each request's max_tokens drawn from max_tokens/4 to "
+                    "7/4 max_tokens (mean max_tokens), instead of max_tokens for all")
     ap.add_argument("--batch-wait", type=float, default=0.05, help="batch.batch_wait_timeout_s with batching on")
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--replica-gpus", type=float, default=0.0)
@@ -209,7 +212,10 @@ def main() -> None:
     tok = load_tokenizer(model)
     top = max(args.concurrency)
     texts = prompts(tok, max(4 * top, 32))
-    offline = offline_rate(model, texts, args.max_tokens, max(int(args.replica_cpus), 1)) \
+    rng = random.Random(1)
+    lengths = [rng.randint(args.max_tokens // 4, 7 * args.max_tokens // 4) if args.mixed else args.max_tokens
+               for _ in texts]
+    offline = offline_rate(model, texts, lengths, max(int(args.replica_cpus), 1)) \
         if not args.replica_gpus else {}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,19 +230,19 @@ def main() -> None:
         cfg = load_config(ServeConfig, None, [
             f"model={model}", "model_name=bench", f"deployment.num_cpus={args.replica_cpus}",
             f"deployment.num_gpus={args.replica_gpus}", f"deployment.max_ongoing_requests={max(64, 2 * top)}",
-            f"limits.max_tokens={args.max_tokens}", *sets])
+            f"limits.max_tokens={max(lengths)}", *sets])
         serve.run(application(cfg), name=f"bench-{mode}", route_prefix=f"/{mode}", blocking=False)
     base = {m: f"http://127.0.0.1:{port}/{m}/v1" for m in modes}
     for m in modes:  # warm-up: first forward, allocator, connections
-        asyncio.run(load(base[m], "bench", texts[:4], 4, args.max_tokens, True))
+        asyncio.run(load(base[m], "bench", texts[:4], 4, lengths, True))
 
     rows = []
     for c in args.concurrency:
         batch = texts[: max(4 * c, 16)]
         res = {}
         for m in modes:  # throughput and latency without streaming; time to first token from a streamed pass
-            res[m] = asyncio.run(load(base[m], "bench", batch, c, args.max_tokens, False))
-            streamed = asyncio.run(load(base[m], "bench", batch, c, args.max_tokens, True))
+            res[m] = asyncio.run(load(base[m], "bench", batch, c, lengths, False))
+            streamed = asyncio.run(load(base[m], "bench", batch, c, lengths, True))
             res[m].update({"ttft_p50_s": streamed["ttft_p50_s"], "ttft_p95_s": streamed["ttft_p95_s"],
                            "streamed_tokens_per_s": streamed["tokens_per_s"], "streamed_p50_s": streamed["p50_s"]})
         rows.append({"concurrency": c, **{m: res[m] for m in modes},
@@ -246,14 +252,15 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in load_causal_lm(model).model.parameters())
     info = {"model": model, "arch": None if args.model else args.arch, "parameters": n_params,
-            "max_tokens": args.max_tokens, "replica_cpus": args.replica_cpus, "replica_gpus": args.replica_gpus,
+            "max_tokens": args.max_tokens, "mixed": args.mixed, "replica_cpus": args.replica_cpus, "replica_gpus": args.replica_gpus,
             "batch_wait": args.batch_wait, "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "offline": offline,
             "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(info, f, indent=1)
-    print(f"model {model} ({n_params / 1e6:.1f}M parameters), {args.max_tokens} tokens per request, "
+    what = f"{min(lengths)}-{max(lengths)} (mean {statistics.fmean(lengths):.1f})" if args.mixed else args.max_tokens
+    print(f"model {model} ({n_params / 1e6:.1f}M parameters), {what} tokens per request, "
           f"replica {args.replica_cpus} CPU / {args.replica_gpus} GPU")
     if offline:
         print(f"engine alone (Engine.run): batch 1 {offline['batch_1_tokens_per_s']:.1f} tok/s, "
