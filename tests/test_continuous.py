@@ -9,10 +9,11 @@ import time
 import pytest
 
 from tests.test_serve import reference
-from tests.tiny_models import WORDS, tiny_hybrid, tiny_mamba2
+from tests.tiny_models import WORDS, tiny_hybrid, tiny_llama, tiny_mamba2
 
+# the students, and a plain attention model (its cache holds only keys and values)
 MODELS = {"mamba2": lambda p: tiny_mamba2(p), "hybrid 1/2": lambda p: tiny_hybrid(p, attention=0.5),
-          "hybrid 0": lambda p: tiny_hybrid(p, attention=0)}
+          "hybrid 0": lambda p: tiny_hybrid(p, attention=0), "llama": lambda p: tiny_llama(p)}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
