@@ -25,14 +25,15 @@ def student(tmp_path_factory):
     return tiny_hybrid(str(tmp_path_factory.mktemp("serve") / "student"), attention=0.5)
 
 
-SERVED = [(0.5, "continuous"), (0, "continuous"), (0.5, "static")]
+SERVED = [(0.5, "continuous"), (0, "static")]
 
 
 @pytest.fixture(scope="module", params=SERVED, ids=[f"hybrid {'1/2' if a else 0}, {s}" for a, s in SERVED])
 def served(request, student, tmp_path_factory):
-    """The server's model and scheduler: the tiny hybrid student keeping half its attention layers, then one with
-    no attention layer left, under the continuous scheduler; then the first under the static one (every server
-    test runs on each)."""
+    """The server's model and scheduler: the tiny hybrid student keeping half its attention layers under the
+    continuous scheduler, then one with no attention layer left under the static one (every server test runs on
+    each: both models and both schedulers over HTTP; tests/test_continuous.py runs the continuous scheduler on
+    every model kind, without Serve)."""
     attention, scheduler = request.param
     path = student if attention == 0.5 else tiny_hybrid(str(tmp_path_factory.mktemp("serve0") / "s"), attention=0)
     return {"model": path, "scheduler": scheduler}
