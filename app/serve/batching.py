@@ -76,6 +76,7 @@ class Batch:
     cache: Any
     last: Any  # (B,) long
     positions: Any  # (B,) long: the position the row's ``last`` token takes when fed
+    kinds: list[str]  # each cache layer's kind (``_kinds``), read once when the batch is made
     mask: Optional[Any] = None  # (B, T) long, models with attention layers: 1 where the KV cache holds a token
 
     def __len__(self) -> int:
@@ -97,7 +98,7 @@ class Batch:
             cut = int(used[0]) if len(used) else self.mask.shape[1]
             if cut:  # leading positions no row holds a token in any more
                 self.mask = self.mask[:, cut:]
-                for layer, kind in zip(self.cache.layers, _kinds(self.cache)):
+                for layer, kind in zip(self.cache.layers, self.kinds):
                     if kind == "kv" and layer.is_initialized:
                         layer.keys, layer.values = layer.keys[..., cut:, :], layer.values[..., cut:, :]
 
@@ -120,11 +121,10 @@ def merge(a: Optional[Batch], b: Batch) -> Batch:
 
     if a is None or not len(a):
         return b
-    kinds = _kinds(a.cache)
     if a.mask is not None:
         t = max(a.mask.shape[1], b.mask.shape[1])
         a.mask = torch.cat([_left_pad(a.mask, t, 1), _left_pad(b.mask, t, 1)])
-    for la, lb, kind in zip(a.cache.layers, b.cache.layers, kinds):
+    for la, lb, kind in zip(a.cache.layers, b.cache.layers, a.kinds):
         if kind == "ssm":
             for s in range(la.number_of_states):
                 if la.is_conv_states_initialized[s]:
@@ -159,7 +159,7 @@ def prefill(model: Any, rows: list[Row], pad_id: int, attention: bool) -> tuple[
     out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra)
     lengths = mask.sum(-1)
     batch = Batch(rows=list(rows), cache=cache, last=torch.zeros(len(rows), dtype=torch.long, device=device),
-                  positions=lengths, mask=mask if attention else None)
+                  positions=lengths, kinds=_kinds(cache), mask=mask if attention else None)
     return batch, out.logits[:, -1].float()
 
 

@@ -60,6 +60,9 @@ class _Window:
     rows, and the share of the time spent in each (the rest: idle, or the event loop's work)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.since = time.monotonic()
         self.steps = self.rows = self.prefills = self.prefill_rows = 0
         self.step_s = self.prefill_s = 0.0
@@ -82,7 +85,7 @@ class _Window:
                      1e3 * self.step_s / self.steps, 100 * self.step_s / span, self.prefills,
                      self.prefill_rows / max(self.prefills, 1), 1e3 * self.prefill_s / max(self.prefills, 1),
                      100 * self.prefill_s / span, (self.rows + self.prefill_rows) / span)
-        self.__init__()  # a new window
+        self.reset()
 
 
 class ContinuousScheduler:

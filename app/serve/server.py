@@ -230,9 +230,7 @@ class Replica:
         b = self.cfg.batch
         self._static = {"running": 0, "waiting": 0}  # rows in the engine now, requests queued for a batch
         self.scheduler: Optional[ContinuousScheduler] = None
-        self.metrics = ServeMetrics(_replica_id(), lambda: self.scheduler.running if self.scheduler else
-                                    self._static["running"], lambda: self.scheduler.waiting if self.scheduler else
-                                    self._static["waiting"])
+        self.metrics = ServeMetrics(_replica_id(), self._running, self._waiting)
         self._window = self._new_window()
         if b.scheduler == "continuous":
             self.scheduler = ContinuousScheduler(self.engine, max_num_seqs=b.max_num_seqs,
@@ -249,6 +247,14 @@ class Replica:
     @property
     def stats(self) -> dict:
         return self.metrics.summary()
+
+    def _running(self) -> int:
+        """Sequences decoding now."""
+        return self.scheduler.running if self.scheduler else self._static["running"]
+
+    def _waiting(self) -> int:
+        """Requests waiting for a place (continuous) or for a batch (static)."""
+        return self.scheduler.waiting if self.scheduler else self._static["waiting"]
 
     # -- routes
 
