@@ -151,19 +151,29 @@ class NearDedupConfig:
     """Seed of the MinHash permutations (datasketch's)."""
     verify: bool = True
     """Check every LSH candidate pair against exact Jaccard before linking it."""
-    fp_weight: float = 0.05
-    """False-positive weight for datasketch's optimal bands/rows (verification removes false positives)."""
-    fn_weight: float = 0.95
-    """False-negative weight for datasketch's optimal bands/rows."""
+    min_recall: float = 0.99
+    """Probability that LSH finds a pair at exactly `threshold` Jaccard: the banding is the bands x rows
+    (within num_perm) that reaches it with the fewest expected candidates (candidates are verified, a missed
+    pair is lost for good). At 0.8 and 128 permutations: 16 bands x 6 rows (0.992)."""
+    bands: Optional[int] = None
+    """LSH bands (null: chosen for min_recall; set with or without `rows`)."""
+    rows: Optional[int] = None
+    """Signature values per band (null: chosen for min_recall; both set: taken as given)."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.threshold <= 1.0, "dedup.near.threshold", f"must be in (0, 1], got {self.threshold!r}")
         _check(self.num_perm >= 2, "dedup.near.num_perm", "must be >= 2")
         _check(self.ngram >= 1, "dedup.near.ngram", "must be >= 1")
         _check(self.seed >= 0, "dedup.near.seed", "must be >= 0")
-        _frac(self.fp_weight, "dedup.near.fp_weight")
-        _frac(self.fn_weight, "dedup.near.fn_weight")
-        _check(abs(self.fp_weight + self.fn_weight - 1.0) < 1e-9, "dedup.near.fp_weight", "fp_weight + fn_weight must be 1")
+        _check(0.0 < self.min_recall < 1.0, "dedup.near.min_recall", f"must be in (0, 1), got {self.min_recall!r}")
+        _check(self.bands is None or self.bands >= 1, "dedup.near.bands", "must be >= 1")
+        _check(self.rows is None or self.rows >= 1, "dedup.near.rows", "must be >= 1")
+        from app.refine.banding import choose_banding  # numpy only
+
+        try:
+            choose_banding(self.threshold, self.num_perm, self.min_recall, bands=self.bands, rows=self.rows)
+        except ValueError as e:
+            raise ConfigError(f"dedup.near: {e}") from None
 
 
 @dataclass

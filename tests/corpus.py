@@ -104,3 +104,38 @@ def true_pairs(docs: dict[str, str], threshold: float, ngram: int = 5) -> set[tu
 def predicted_pairs(dup_rows: list[dict]) -> set[tuple[str, str]]:
     """Pairs in the same component when every duplicates/ row links its doc to its representative."""
     return pairs_in_components([(r["id"], r["representative_id"]) for r in dup_rows])
+
+
+def planted_pairs(vocab_texts: list[str], n_pairs: int, *, words: int = 1000, lo: float = 0.80, hi: float = 0.85,
+                  ngram: int = 5, seed: int = 0) -> tuple[dict[str, str], dict[tuple[str, str], float]]:
+    """Pairs of documents at word-``ngram`` shingle Jaccard in ``[lo, hi]``, unrelated to every other document.
+
+    Each base is ``words`` words drawn at random from the words of ``vocab_texts`` (real text, so real word
+    frequencies; random order, so two bases share almost no 5-gram). Its partner replaces ``m`` words, >= ``ngram``
+    + 1 apart and away from the ends, with fresh tokens: each replacement kills ``ngram`` shingles of S on both
+    sides, J = (S - ngram*m) / (S + ngram*m), with m chosen for a target J drawn uniformly from [lo, hi].
+    Returns (docs by id, {(base id, partner id): exact Jaccard}) - the Jaccard is computed, not assumed.
+    """
+    rnd = random.Random(seed)
+    pool = [w for t in vocab_texts for w in t.split() if w.isalpha()]
+    docs: dict[str, str] = {}
+    pairs: dict[tuple[str, str], float] = {}
+    S = words - ngram + 1
+    spacing = ngram + 1
+    slots = list(range(ngram, words - ngram, spacing))  # candidate positions, every ngram+1 words
+    for p in range(n_pairs):
+        base = [rnd.choice(pool) for _ in range(words)]
+        target = rnd.uniform(lo, hi)
+        m = round(S * (1 - target) / (ngram * (1 + target)))
+        for m in sorted({m, m - 1, m + 1}, key=lambda x: abs(x - S * (1 - target) / (ngram * (1 + target)))):
+            if lo <= (S - ngram * m) / (S + ngram * m) <= hi:
+                break
+        edited = list(base)
+        for i in rnd.sample(slots, m):
+            edited[i] = f"zq{p}x{i}"
+        a, b = f"pair{p:05d}-a", f"pair{p:05d}-b"
+        docs[a], docs[b] = " ".join(base), " ".join(edited)
+        j = jaccard(shingles(docs[a], ngram), shingles(docs[b], ngram))
+        assert lo <= j <= hi, (p, m, j)  # repeated 5-grams in a base could move it; none expected
+        pairs[(a, b)] = j
+    return docs, pairs

@@ -329,8 +329,9 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
     # Verification: exact Jaccard of every candidate pair (or just its similarity when verify is off).
     first = _as_lists([_attach_first.options(num_returns=k).remote(files[i], k, *near_by_a[i]) for i in range(k)], k)
     verified = [_attach_second.remote(files[i], ngram, threshold if verify else None, *first[i]) for i in range(k)]
+    n_candidates = sum(ray.get([_count.remote(r) for part in first for r in part]))  # distinct pairs (a's part dedups)
     n_verified = sum(ray.get([_count.remote(v) for v in verified]))
-    log.info("dedup graph: %d candidate files, %d verified near edges (%.1fs)", len(edge_files), n_verified, time.time() - t0)
+    log.info("dedup graph: %d candidate pairs, %d verified near edges (%.1fs)", n_candidates, n_verified, time.time() - t0)
     t0 = time.time()
 
     stars, rounds = connected_components(verified, k, max_rounds) if n_verified else ([_empty_edges.remote() for _ in range(k)], 0)
@@ -344,7 +345,7 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
     part_stats = ray.get([_finalize.remote(os.path.join(out_dir, "duplicates", f"part-{i:05d}.parquet"), labels[i],
                                            exact_by_id[i], roots[i], [sims[i]]) for i in range(k)])
     log.info("dedup graph: %d connected-component rounds, similarities and labels (%.1fs)", rounds, time.time() - t0)
-    stats = {"verified_edges": int(n_verified), "cc_rounds": rounds,
+    stats = {"candidate_edges": int(n_candidates), "verified_edges": int(n_verified), "cc_rounds": rounds,
              "exact_clusters": sum(s["exact_clusters"] for s in part_stats),
              "near_clusters": sum(s["near_clusters"] for s in part_stats),
              "duplicate_rows": sum(s["duplicate_rows"] for s in part_stats)}

@@ -15,6 +15,8 @@ Flow (see ``pipeline.py``):
                                         chance does not cut similar members apart
     verify            exact Jaccard of a candidate pair's shingle sets (``minhash.shingles``)
 
+The banding (bands x rows) comes from ``banding.choose_banding``.
+
 Ids are compared as strings everywhere ("smallest id" = lexicographically smallest).
 """
 

@@ -34,8 +34,8 @@ from app.refine.decide import decide_step, merge_stats, quality_step, summarize
 from app.refine.exact import exact_step
 from app.refine.heuristics import heuristics_step
 from app.refine.io import CorpusDatasource, expand_inputs, parquet_files
+from app.refine.banding import choose_banding
 from app.refine.lsh import bucket_edges, bucket_rows, minhash_step, partition_of
-from app.refine.minhash import lsh_params
 from app.refine.normalize import normalize_step
 from app.refine.profile import duplicate_samples, pick_duplicates
 from app.refine.report import AccountingError, build_report, write_report
@@ -174,11 +174,15 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     work_docs, labels_dir = os.path.join(work, "docs"), os.path.join(work, "labels")
     quarantine_dir, dup_dir = os.path.join(out_dir, "quarantine"), os.path.join(out_dir, "duplicates")
     near, exact = cfg.dedup.near, cfg.dedup.exact
-    bands, rows = lsh_params(near.threshold, near.num_perm, near.fp_weight, near.fn_weight)
+    banding = choose_banding(near.threshold, near.num_perm, near.min_recall, bands=near.bands, rows=near.rows)
+    bands, rows = banding.bands, banding.rows
     stats = StepStats.options(scheduling_strategy=_on_this_node()).remote()
     groups = run.state["groups"]
-    log.info("refine: %d input files in %d groups -> %s (LSH bands=%d rows=%d, %d partitions)", len(files), len(groups),
-             out_dir, bands, rows, k)
+    log.info("refine: %d input files in %d groups -> %s (%d partitions)", len(files), len(groups), out_dir, k)
+    if near.enabled:
+        log.info("refine: LSH banding %d bands x %d rows (%s): finds a pair at Jaccard %.2f with probability %.4f",
+                 bands, rows, "chosen for min_recall %.3g" % near.min_recall if banding.chosen_by == "min_recall"
+                 else "from the config", near.threshold, banding.recall_at_threshold)
 
     # ---- pass 1: parse, score, hash; quarantine the malformed. One unit per group of input files.
     steps = [("normalize", normalize_step), ("exact_hash", exact_step)]
@@ -210,7 +214,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
 
     # ---- pass 2 + 3: the duplicate graph (one unit)
     labels: list = []
-    graph_stats: dict = {"verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "duplicate_rows": 0}
+    graph_stats: dict = {"candidate_edges": 0, "verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "duplicate_rows": 0}
     edges_dir = os.path.join(work, "edges")
 
     def graph_unit() -> dict:
@@ -284,7 +288,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     phases = _sum_seconds(records)
     phases["total"] = sum(phases.values())
     report = build_report(files=files, cfg=cfg, ingest=ingest_counts, output=rec["counts"], steps=_merge_steps(records),
-                          graph=graph_stats, phases=phases, lsh={"bands": bands, "rows": rows}, out_dir=out_dir,
+                          graph=graph_stats, phases=phases, lsh=banding.as_dict(), out_dir=out_dir,
                           scores=rec["summary"], toxicity=(toxicity_ok, toxicity_reason), profile=rec["profile"],
                           duplicate_samples=duplicate_samples(dup_picks, rec["profile"]["lookup"]))
     report["resume"] = {**run.summary(), "this_run_seconds": round(time.time() - t_start, 3)}
