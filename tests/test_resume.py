@@ -133,3 +133,129 @@ def test_output_without_state_is_refused(tmp_path):
     (tmp_path / "out" / "kept").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="no\n?.*_work/state.json"):
         _run(tmp_path, files)
+
+
+def _record_fsyncs(monkeypatch, marker: list) -> list:
+    """os.fsync -> a list of (path, whether the file ``marker[0]`` existed then), the path read from /proc/self/fd."""
+    calls = []
+    real = os.fsync
+
+    def fsync(fd):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), os.path.exists(marker[0])))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_a_units_files_and_directories_are_on_disk_before_its_marker(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.refine.io import write_table
+
+    run = _run(tmp_path, _files(tmp_path, [10]))
+    out, work = os.path.join(str(tmp_path), "out"), run.work
+    docs, quarantine = os.path.join(work, "docs"), os.path.join(out, "quarantine")
+    other = os.path.join(docs, "p=0", "g00001-000000.parquet")  # another unit's file: not this unit's to sync
+    os.makedirs(os.path.dirname(other))
+    pq.write_table(pa.table({"id": ["o"]}), other)
+    mine = [os.path.join(docs, "p=0", "g00000-000000.parquet"), os.path.join(docs, "p=1", "g00000-000000.parquet"),
+            os.path.join(quarantine, "g00000-000000.parquet")]
+    marker = os.path.join(work, "done", "ingest-g00000.json")
+    watch = [marker]
+    calls = _record_fsyncs(monkeypatch, watch)
+
+    def body():
+        for p in mine:
+            write_table(pa.table({"id": ["a"]}), p)
+        return {"n": 1}
+
+    run.unit("ingest-g00000", body, dirs=[docs, quarantine], prefix="g00000-")
+    before = {p for p, marked in calls if not marked}
+    # the writers flush each file under its temporary name, before the rename
+    assert sum(os.path.basename(p).startswith(".g00000-") for p in before) == len(mine)
+    # then the driver: every file of the unit, every directory holding one and its parents up to the output
+    holders = {os.path.join(docs, "p=0"), os.path.join(docs, "p=1"), docs, work, quarantine, out}
+    assert set(mine) | holders <= before
+    assert other not in {p for p, _ in calls}
+    # the marker: its temporary file flushed before the rename, done/ after it (the last call)
+    assert marker + ".tmp" in before and calls[-1] == (os.path.dirname(marker), True)
+
+    calls.clear()  # a unit without a prefix (pass 4): every file in its directories
+    kept = os.path.join(out, "kept")
+    watch[0] = os.path.join(work, "done", "output.json")
+    run.unit("output", lambda: write_table(pa.table({"id": ["a"]}), os.path.join(kept, "part-000000.parquet")) or {},
+             dirs=[kept])
+    assert {os.path.join(kept, "part-000000.parquet"), kept, out} <= {p for p, marked in calls if not marked}
+
+
+def test_remote_inputs_are_fingerprinted_by_size_and_mtime(tmp_path):
+    local = _files(tmp_path, [10, 20])
+    uris = ["file://" + f for f in local]  # pyarrow's filesystems, as for s3:// (Ray Data reads file:// too)
+    run = _run(tmp_path, uris)
+    st = os.stat(local[0])
+    assert run.state["fingerprint"]["inputs"][0] == [uris[0], 10, st.st_mtime_ns, None]
+    assert _run(tmp_path, uris).resumed
+
+    with open(local[1], "ab") as f:  # rewritten: another size
+        f.write(b"more")
+    with pytest.raises(FileExistsError, match=f"input files changed: 1 \\({uris[1]}\\)"):
+        _run(tmp_path, uris)
+    _run(tmp_path, uris, overwrite=True)
+    os.utime(local[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten: the same size, later
+    with pytest.raises(FileExistsError, match=f"input files changed: 1 \\({uris[0]}\\)"):
+        _run(tmp_path, uris)
+
+    folder = "file://" + os.path.dirname(local[0])  # a directory: each file Ray Data would read under it
+    assert [e[0] for e in resume.input_entries([folder])] == uris
+    _run(tmp_path, [folder], overwrite=True)
+    _files(tmp_path / "in" / "_hidden", [5])  # skipped by Ray Data's reader, so by the fingerprint too
+    (tmp_path / "in" / "new.jsonl").write_bytes(b"{}")
+    with pytest.raises(FileExistsError, match=f"input files added: 1 \\({folder}/new.jsonl\\)"):
+        _run(tmp_path, [folder])
+
+    gone = "file://" + str(tmp_path / "in" / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match=f"input {gone}: no such file"):
+        resume.fingerprint([gone], load_config(RefineConfig, None, []))
+
+
+def test_an_s3_etag_tells_a_rewrite_of_the_same_size_and_second(monkeypatch):
+    import pyarrow.fs as pafs
+
+    class Store:  # what pyarrow's S3FileSystem answers: FileInfo without an ETag, the ETag in the file's metadata
+        type_name = "s3"
+        etag = b'"a1"'
+
+        def get_file_info(self, path):
+            if path.endswith("broken.jsonl"):
+                raise OSError("AWS Error ACCESS_DENIED during HeadObject operation")
+            return pafs.FileInfo(path, pafs.FileType.File, mtime_ns=1_700_000_000_000_000_000, size=10)
+
+        def open_input_file(self, path):
+            store = self
+
+            class File:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    return False
+
+                def metadata(self):
+                    return {"Content-Length": b"10", "ETag": store.etag}
+
+            return File()
+
+    store = Store()
+    monkeypatch.setattr(resume, "_filesystem", lambda uri: (store, uri[len("s3://"):]))
+    cfg = load_config(RefineConfig, None, [])
+    fp = resume.fingerprint(["s3://b/x.jsonl"], cfg)
+    assert fp["inputs"] == [["s3://b/x.jsonl", 10, 1_700_000_000_000_000_000, '"a1"']]
+    store.etag = b'"b2"'
+    changed = ["input files changed: 1 (s3://b/x.jsonl)"]
+    assert resume.differences(fp, resume.fingerprint(["s3://b/x.jsonl"], cfg)) == changed
+    old = {**fp, "inputs": [["s3://b/x.jsonl", None, None]]}  # a state.json from before sizes were read
+    assert resume.differences(old, fp) == changed
+    with pytest.raises(OSError, match="input s3://b/broken.jsonl: cannot read its size.*ACCESS_DENIED"):
+        resume.fingerprint(["s3://b/x.jsonl", "s3://b/broken.jsonl"], cfg)

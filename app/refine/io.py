@@ -281,9 +281,22 @@ def parquet_files(root: str, parts: list[int] | None = None) -> list[str]:
                   if f.endswith(".parquet") and not f.startswith("."))
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file, or a directory's entries (names created, renamed or removed in it), to disk. Opened
+    read-only: on Linux fsync flushes the inode's dirty pages whoever wrote them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_table(table: pa.Table, path: str) -> None:
-    """Write one Parquet file atomically (temp name, then rename)."""
+    """Write one Parquet file atomically (temp name, fsync, then rename): a crash leaves the complete file or
+    none, never a truncated one under the final name. The rename is made durable, with the directory, by the
+    unit that owns the file (``app.refine.resume.RefineRun.sync``)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")  # hidden until complete
     pq.write_table(table, tmp, compression="zstd")
+    fsync_path(tmp)
     os.replace(tmp, path)

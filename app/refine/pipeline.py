@@ -293,7 +293,8 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
                           duplicate_samples=duplicate_samples(dup_picks, rec["profile"]["lookup"]))
     report["resume"] = {**run.summary(), "this_run_seconds": round(time.time() - t_start, 3)}
     write_report(report, out_dir)
-    run.finish("complete", {"accounting_ok": report["accounting"]["ok"]})
+    run.finish("complete", {"accounting_ok": report["accounting"]["ok"]},
+               written=[os.path.join(out_dir, n) for n in ("report.json", "report.html", "config.yaml")])
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     if not report["accounting"]["ok"]:

@@ -6,7 +6,8 @@
 ``OutputSink`` decided records -> ``kept/`` and ``dropped/``; returns per-source keep/drop counts and the
                dashboard's profile (``app.refine.profile``).
 File names derive from the write task index, so a retried task rewrites its own files; a file is written
-under a hidden temporary name and renamed into place when complete.
+under a hidden temporary name, fsync'd, and renamed into place when complete (the unit that owns the files
+makes the renames durable: ``app.refine.resume.RefineRun.sync``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
-from app.refine.io import QUARANTINE_COLUMNS
+from app.refine.io import QUARANTINE_COLUMNS, fsync_path
 from app.refine.lsh import partition_of
 from app.refine.profile import empty_profile, merge_profiles, profile_block
 
@@ -28,7 +29,7 @@ WORK_DROP = ["_norm", "error", "error_detail", "raw", "raw_bytes"]
 
 
 class _Writers:
-    """Parquet files written block by block (memory: one block), renamed into place on close."""
+    """Parquet files written block by block (memory: one block), fsync'd and renamed into place on close."""
 
     def __init__(self) -> None:
         self.open: dict[str, tuple[pq.ParquetWriter, str]] = {}
@@ -44,6 +45,7 @@ class _Writers:
     def close(self) -> None:
         for path, (writer, tmp) in self.open.items():
             writer.close()
+            fsync_path(tmp)  # on this node, where its dirty pages are: the driver may run on another
             os.replace(tmp, path)
         self.open.clear()
 
