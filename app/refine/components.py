@@ -5,11 +5,22 @@ Everything here is hash-partitioned by document id into ``K = dedup.num_partitio
 that needs texts reads only its own part. No step collects all edges or all labels on one node:
 each task holds one part (1/K of the edges it works on).
 
+Giant clusters (boilerplate: millions of near copies) stay spread: a cluster's edges are stars around its
+smallest id, so nothing is routed by that id. Pairs are verified in the part of their larger id, and the
+anchor's text travels there once per part that asks for it (``_route_pairs``, ``_serve_texts``); connected
+components route every edge by its larger end (``_by_larger``); a representative's own duplicates row is
+sent once per edge file. Requests are deduplicated per map task, so the hub's part receives at most
+(map tasks x K) requests, whatever the cluster's size.
+
 Connected components: alternating Large-Star / Small-Star (Kiveris et al., "Connected Components in
-MapReduce and Beyond", SoCC 2014), which converges in O(log n) rounds. One round is two hash
-shuffles of the edge list done with plain Ray tasks (``num_returns=K``) - a Ray Data groupby costs
-7-9 s of fixed overhead per shuffle on a 2-CPU machine, so the few rounds use tasks instead.
-Written by hand: no library in the dependency set offers distributed connected components.
+MapReduce and Beyond", SoCC 2014), which converges in O(log n) rounds. Large-Star needs, for each node u,
+m(u) = min(u, its neighbours): since a larger neighbour cannot be that minimum, m(u) is u's smallest smaller
+neighbour, found in u's own part when edges are routed by their larger end; the parts that hold u's edges
+to larger ids ask u's part for m(u). One round: a shuffle of edges and requests, a shuffle of the answers,
+then Small-Star on Large-Star's output where it lies (its edges already sit with their larger end), all with
+plain Ray tasks (``num_returns=K``) - a Ray Data groupby costs 7-9 s of fixed overhead per shuffle on a
+2-CPU machine, so the few rounds use tasks instead. Written by hand: no library in the dependency set
+offers distributed connected components.
 """
 
 from __future__ import annotations
@@ -110,74 +121,156 @@ def _read_texts(files: list[str], ids) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ tasks
 
 
+def _route_pairs(df: pd.DataFrame, k: int) -> list[pd.DataFrame]:
+    """Pairs (a, b) -> k pieces of pairs by part(b), then k pieces of text requests (a, dest=part(b)) by part(a),
+    one request per distinct (a, dest): an anchor with a million pairs asks for its text at most k times."""
+    if not len(df):
+        return _split_df(df, "b", k, ["a", "b"]) + _split_df(df, "a", k, ["a", "dest"])
+    dest = partition_of(df["b"].tolist(), k)
+    req = pd.DataFrame({"a": df["a"].values, "dest": dest}).drop_duplicates().reset_index(drop=True)
+    by_b = [df[dest == i].reset_index(drop=True) for i in range(k)]
+    return by_b + _split_df(req, "a", k, ["a", "dest"])
+
+
 @ray.remote
 def _split_edges(path: str, k: int):
-    """One file of candidate edges -> near edges by part(a); exact edges as duplicate rows by part(id)."""
+    """One file of candidate edges -> near pairs by part(b) and their text requests by part(a) (``_route_pairs``);
+    exact edges as duplicate rows by part(id), a representative's own row once per file."""
     df = pq.read_table(path).to_pandas()
-    near = df[df["kind"] == "near"][["a", "b"]]
+    near = df.loc[df["kind"] == "near", ["a", "b"]].drop_duplicates()  # one pair from several band buckets, once
     ex = df[df["kind"] == "exact"]
+    reps = ex["a"].drop_duplicates()
     rows = pd.concat([
         pd.DataFrame({"id": ex["b"], "representative_id": ex["a"]}),
-        pd.DataFrame({"id": ex["a"], "representative_id": ex["a"]}),
+        pd.DataFrame({"id": reps, "representative_id": reps}),
     ], ignore_index=True)
-    return tuple(_split_df(near, "a", k, ["a", "b"]) + _split_df(rows, "id", k, ["id", "representative_id"]))
+    return tuple(_route_pairs(near.reset_index(drop=True), k) + _split_df(rows, "id", k, ["id", "representative_id"]))
 
 
 @ray.remote
-def _attach_first(files: list[str], k: int, *pieces):
-    """Pairs (a, b) whose a is in this part -> (a, b, text_a), split by part(b)."""
-    df = _concat(pieces)
-    if not len(df):
-        return _ret(_split_df(df, "b", k, ["a", "b", "text_a"]))
-    df = df.drop_duplicates(["a", "b"])
-    texts = _read_texts(files, df["a"])
-    df = df.assign(text_a=df["a"].map(texts))
-    missing = df["text_a"].isna()
-    if missing.any():
-        raise RuntimeError(f"{int(missing.sum())} graph ids have no document in {files[:1]}...")
-    return _ret(_split_df(df, "b", k, ["a", "b", "text_a"]))
+def _serve_texts(files: list[str], k: int, *pieces):
+    """Text requests (a, dest) for ids of this part -> per dest part: (a, text_a), each text once per dest."""
+    req = _concat(pieces)
+    if not len(req):
+        return _ret(_split_df(req, "dest", k, ["a", "text_a"]))
+    req = req.drop_duplicates().reset_index(drop=True)
+    texts = _read_texts(files, req["a"])
+    text_a = req["a"].map(texts)
+    if text_a.isna().any():
+        raise RuntimeError(f"{int(text_a.isna().sum())} graph ids have no document in {files[:1]}...")
+    dest = req["dest"].values
+    out = pd.DataFrame({"a": req["a"].values, "text_a": text_a.values})
+    return _ret([out[dest == i].reset_index(drop=True) for i in range(k)])
 
 
-@ray.remote
-def _attach_second(files: list[str], ngram: int, min_sim: Optional[float], *pieces) -> pd.DataFrame:
-    """(a, b, text_a) with b in this part -> (a, b, similarity), keeping pairs with similarity >= min_sim."""
-    df = _concat(pieces)
+@ray.remote(num_returns=2)
+def _similarities(files: list[str], ngram: int, min_sim: Optional[float], n_pairs: int, *pieces):
+    """Pairs (a, b) with b in this part (the first ``n_pairs`` pieces) and the texts of their a's (the rest) ->
+    (a, b, similarity), keeping pairs with similarity >= min_sim; and the number of distinct pairs."""
+    df = _concat(pieces[:n_pairs])
     if not len(df):
         return pd.DataFrame({"a": pd.Series([], dtype=object), "b": pd.Series([], dtype=object),
-                             "similarity": pd.Series([], dtype=float)})
-    texts = _read_texts(files, df["b"])
-    cache: dict[str, set] = {}
+                             "similarity": pd.Series([], dtype=float)}), 0
+    df = df.drop_duplicates(["a", "b"]).reset_index(drop=True)
+    served = _concat(pieces[n_pairs:])
+    text_a = dict(zip(served["a"], served["text_a"])) if len(served) else {}
+    text_b = _read_texts(files, df["b"])
+    cache: dict[str, set] = {}  # an anchor's shingles once per task, however many pairs it has here
 
-    def sh(key: str, text: str) -> set:
+    def sh(key: str, texts: dict) -> set:
         if key not in cache:
-            cache[key] = shingles(text, ngram)
+            cache[key] = shingles(texts[key], ngram)
         return cache[key]
 
-    sims = [jaccard(sh(a, ta), sh(b, texts[b])) for a, b, ta in zip(df["a"], df["b"], df["text_a"])]
+    sims = [jaccard(sh(a, text_a), sh(b, text_b)) for a, b in zip(df["a"], df["b"])]
     out = pd.DataFrame({"a": df["a"].values, "b": df["b"].values, "similarity": np.asarray(sims, dtype=float)})
     if min_sim is not None:
         out = out[out["similarity"] >= min_sim - 1e-12].reset_index(drop=True)
-    return out
+    return out, len(df)
+
+
+def _verify(files: list[list[str]], pairs: list[list], requests: list[list], k: int, ngram: int,
+            min_sim: Optional[float]) -> tuple[list, list]:
+    """Pair pieces by part(b) and text requests by part(a) (``_route_pairs``) -> per part(b): (similarity frames,
+    distinct pair counts). Texts travel once per (id, part) asking for it: a hub's text is read once."""
+    served = _as_lists([_serve_texts.options(num_returns=k).remote(files[i], k, *requests[i]) for i in range(k)], k)
+    out = [_similarities.remote(files[j], ngram, min_sim, len(pairs[j]), *pairs[j], *served[j]) for j in range(k)]
+    return [o[0] for o in out], [o[1] for o in out]
 
 
 @ray.remote
-def _both_directions(df: pd.DataFrame, k: int):
-    """Undirected edges (a, b) -> directed (u, v) both ways, split by part(u)."""
-    d = pd.DataFrame({"u": np.concatenate([df["a"].values, df["b"].values]),
-                      "v": np.concatenate([df["b"].values, df["a"].values])}) if len(df) else pd.DataFrame(columns=["u", "v"])
-    return _ret(_split_df(d, "u", k, ["u", "v"]))
-
-
-@ray.remote
-def _smaller_direction(df: pd.DataFrame, k: int):
-    """Undirected edges -> (u, v) with v < u, split by part(u)."""
+def _by_larger(df: pd.DataFrame, k: int):
+    """Undirected edges -> k pieces of rows (s, l), s < l, by part(l); then k pieces of requests (u=s, dest=part(l))
+    by part(s), one per distinct (s, dest)."""
     if len(df):
         a, b = df["a"].values, df["b"].values
-        lt = b < a
-        d = pd.DataFrame({"u": np.where(lt, a, b), "v": np.where(lt, b, a)})
+        lt = a < b
+        rows = pd.DataFrame({"s": np.where(lt, a, b), "l": np.where(lt, b, a)})
+        rows = rows[rows["s"] != rows["l"]].drop_duplicates().reset_index(drop=True)
     else:
-        d = pd.DataFrame(columns=["u", "v"])
-    return _ret(_split_df(d, "u", k, ["u", "v"]))
+        rows = pd.DataFrame({"s": pd.Series([], dtype=object), "l": pd.Series([], dtype=object)})
+    if not len(rows):
+        return tuple(_split_df(rows, "l", k, ["s", "l"]) + _split_df(rows, "u", k, ["u", "dest"]))
+    dest = partition_of(rows["l"].tolist(), k)
+    req = pd.DataFrame({"u": rows["s"].values, "dest": dest}).drop_duplicates().reset_index(drop=True)
+    return tuple([rows[dest == i].reset_index(drop=True) for i in range(k)] + _split_df(req, "u", k, ["u", "dest"]))
+
+
+@ray.remote
+def _star_min(k: int, n_rows: int, *pieces):
+    """Rows (s, l) with l in this part (the first ``n_rows`` pieces) and requests (u, dest) for u in this part ->
+    per dest: (u, m) with m(u) = min(u and its neighbours) = its smallest smaller neighbour, or u without one."""
+    rows = _concat(pieces[:n_rows])
+    req = _concat(pieces[n_rows:])
+    if not len(req):
+        return _ret(_split_df(req, "dest", k, ["u", "m"]))
+    req = req.drop_duplicates().reset_index(drop=True)
+    smallest = rows.groupby("l")["s"].min() if len(rows) else pd.Series([], dtype=object)
+    m = req["u"].map(smallest)
+    m = m.where(m.notna(), req["u"])
+    out = pd.DataFrame({"u": req["u"].values, "m": m.values})
+    dest = req["dest"].values
+    return _ret([out[dest == i].drop_duplicates("u").reset_index(drop=True) for i in range(k)])
+
+
+@ray.remote(num_returns=2)
+def _large_star(n_rows: int, *pieces):
+    """Large-Star for the rows (s, l), l in this part, given m(s) for every s among them: connect every larger
+    neighbour l of s to m(s) = min(s and its neighbours) (a larger neighbour cannot be that minimum, so m(s) is
+    s's smallest smaller neighbour, found where s is the larger end: ``_star_min``). A hub - the smallest id of
+    a big cluster, the larger end of none of its edges - never has its edges in one task.
+
+    Changes the graph iff some s with a larger neighbour has a smaller one. The output edges (m(s), l) have
+    their larger end l in this part, so Small-Star takes them as they are. Returns the edges and (changed,
+    rows held).
+    """
+    rows = _concat(pieces[:n_rows])
+    if not len(rows):
+        return _edges_out([], []), (False, 0)
+    answers = _concat(pieces[n_rows:])
+    m = rows["s"].map(dict(zip(answers["u"], answers["m"])))
+    if m.isna().any():  # pragma: no cover - every s is asked for
+        raise RuntimeError(f"large-star: {int(m.isna().sum())} rows without m(s)")
+    changed = bool((m.values != rows["s"].values).any())
+    return _edges_out(rows["l"].values, m.values), (changed, len(rows))
+
+
+@ray.remote(num_returns=2)
+def _small_star(d: pd.DataFrame):
+    """Small-Star for the edges whose larger end u is in this part: with N = u's smaller neighbours and
+    m = min(N), connect N + u to m.
+
+    Changes the graph iff some u has two or more distinct smaller neighbours. Returns the edges and (changed,
+    rows held).
+    """
+    if not len(d):
+        return _edges_out([], []), (False, 0)
+    d = pd.DataFrame({"u": d["b"].values, "v": d["a"].values})  # _edges_out: a < b, so b is the larger end
+    m = d.groupby("u")["v"].min()
+    changed = bool((d.groupby("u")["v"].nunique() > 1).any())
+    nodes = np.concatenate([d["v"].values, m.index.values])
+    roots = np.concatenate([d["u"].map(m).values, m.values])
+    return _edges_out(nodes, roots), (changed, len(d))
 
 
 def _edges_out(a, b) -> pd.DataFrame:
@@ -191,38 +284,6 @@ def _edges_out(a, b) -> pd.DataFrame:
     return df[df["a"] != df["b"]].drop_duplicates().reset_index(drop=True)
 
 
-@ray.remote(num_returns=2)
-def _large_star(*pieces):
-    """For each u: m = min(N(u) + u); connect every larger neighbour v > u to m.
-
-    Changes the graph iff some u has both a larger and a smaller neighbour.
-    """
-    d = _concat(pieces)
-    if not len(d):
-        return _edges_out([], []), False
-    m = d.groupby("u")["v"].min()
-    mu = np.minimum(d["u"].map(m).values.astype(object), d["u"].values)
-    keep = d["v"].values > d["u"].values
-    changed = bool((mu[keep] != d["u"].values[keep]).any())
-    return _edges_out(d["v"].values[keep], mu[keep]), changed
-
-
-@ray.remote(num_returns=2)
-def _small_star(*pieces):
-    """For each u with smaller neighbours N: m = min(N); connect N + u to m.
-
-    Changes the graph iff some u has two or more distinct smaller neighbours.
-    """
-    d = _concat(pieces)
-    if not len(d):
-        return _edges_out([], []), False
-    m = d.groupby("u")["v"].min()
-    changed = bool((d.groupby("u")["v"].nunique() > 1).any())
-    nodes = np.concatenate([d["v"].values, m.index.values])
-    roots = np.concatenate([d["u"].map(m).values, m.values])
-    return _edges_out(nodes, roots), changed
-
-
 @ray.remote
 def _roots(k: int, *pieces):
     """Converged star edges -> (node, root) rows, split by part(node); roots label themselves."""
@@ -230,19 +291,24 @@ def _roots(k: int, *pieces):
     if not len(d):
         return _ret(_split_df(pd.DataFrame(), "node", k, ["node", "root"]))
     rows = pd.concat([pd.DataFrame({"node": d["b"], "root": d["a"]}),
-                      pd.DataFrame({"node": d["a"], "root": d["a"]})], ignore_index=True)
+                      pd.DataFrame({"node": d["a"].drop_duplicates(), "root": d["a"].drop_duplicates()})],
+                     ignore_index=True)
     rows = rows.groupby("node", as_index=False)["root"].min()
     return _ret(_split_df(rows, "node", k, ["node", "root"]))
 
 
 @ray.remote
 def _root_pairs(k: int, *pieces):
-    """(node, root) rows -> pairs (a=root, b=node) for non-roots, split by part(root)."""
+    """(node, root) rows of this part -> pairs (a=root, b=node) for non-roots (they stay in this part, which is
+    part(node)) and text requests for the roots by part(root) (``_route_pairs``)."""
     d = _concat(pieces)
     if len(d):
         d = d[d["node"] != d["root"]].drop_duplicates("node")
         d = pd.DataFrame({"a": d["root"].values, "b": d["node"].values})
-    return _ret(_split_df(d, "a", k, ["a", "b"]))
+    else:
+        d = pd.DataFrame({"a": pd.Series([], dtype=object), "b": pd.Series([], dtype=object)})
+    routed = _route_pairs(d, k)
+    return tuple([d] + routed[k:])
 
 
 @ray.remote
@@ -289,20 +355,31 @@ def _finalize(out_path: str, labels_path: str, exact_pieces: list, root_pieces: 
 # ------------------------------------------------------------------------------------------ driver
 
 
-def connected_components(edges: list, k: int, max_rounds: int) -> tuple[list, int]:
-    """Undirected edge DataFrames (refs, columns a, b) -> converged star edges per part, and rounds used.
+def connected_components(edges: list, k: int, max_rounds: int, held: Optional[list] = None) -> tuple[list, int]:
+    """Undirected edge DataFrames (refs, columns a, b) -> converged star edges per part, and rounds used
+    (``held``, when given, gets the most edge rows one task held in each round).
 
     Converged when a whole round (large-star, then small-star) changes nothing: every component is then
-    a star around its smallest id.
+    a star around its smallest id. Every edge is routed by its larger end, so a star's center - its smallest
+    id, the larger end of none of its edges - never gathers its edges in one task: a component of a million
+    nodes is spread over the k parts like any other edges. One round: one shuffle of rows and of requests for
+    m(s) (distinct per map task), one of the answers, and Small-Star on Large-Star's output where it is.
     """
     for rnd in range(1, max_rounds + 1):
-        split = _as_lists([_both_directions.options(num_returns=k).remote(e, k) for e in edges], k)
-        large = [_large_star.remote(*split[i]) for i in range(k)]
-        split = _as_lists([_smaller_direction.options(num_returns=k).remote(e, k) for e, _ in large], k)
-        small = [_small_star.remote(*split[i]) for i in range(k)]
+        split = [_by_larger.options(num_returns=2 * k).remote(e, k) for e in edges]
+        rows = [[s[i] for s in split] for i in range(k)]
+        requests = [[s[k + i] for s in split] for i in range(k)]
+        answers = _as_lists([_star_min.options(num_returns=k).remote(k, len(rows[i]), *rows[i], *requests[i])
+                             for i in range(k)], k)
+        large = [_large_star.remote(len(rows[i]), *rows[i], *answers[i]) for i in range(k)]
+        small = [_small_star.remote(e) for e, _ in large]
         edges = [e for e, _ in small]
-        changed = ray.get([c for _, c in large] + [c for _, c in small])
-        log.info("connected components: round %d, changed=%s", rnd, any(changed))
+        flags = ray.get([c for _, c in large] + [c for _, c in small])
+        changed = [c for c, _ in flags]
+        if held is not None:
+            held.append(max(n for _, n in flags))
+        log.info("connected components: round %d, changed=%s, most rows in one task %d", rnd, any(changed),
+                 max(n for _, n in flags))
         if not any(changed):
             return edges, rnd
     raise RuntimeError(f"connected components did not converge in dedup.max_cc_rounds={max_rounds} rounds")
@@ -318,28 +395,32 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
 
     Writes ``out_dir/duplicates/part-<i>.parquet`` and the labels of part i to ``label_paths(labels_dir, k)[i]``.
     Every input is a file, so a task lost with its node is run again from files (or from the outputs of
-    tasks Ray reconstructs by lineage).
+    tasks Ray reconstructs by lineage). No task holds more than its part's share of a cluster: pairs are
+    verified where their larger id lives, with the anchor's text sent there once (``_verify``), and connected
+    components route edges by their larger end (``connected_components``).
     """
     t0 = time.time()
     files = [parquet_files(work_docs, [p]) for p in range(k)]
-    split = [_split_edges.options(num_returns=2 * k).remote(f, k) for f in edge_files]
-    near_by_a = [[s[i] for s in split] for i in range(k)]
-    exact_by_id = [[s[k + i] for s in split] for i in range(k)]
+    split = [_split_edges.options(num_returns=3 * k).remote(f, k) for f in edge_files]
+    pairs = [[s[i] for s in split] for i in range(k)]
+    requests = [[s[k + i] for s in split] for i in range(k)]
+    exact_by_id = [[s[2 * k + i] for s in split] for i in range(k)]
 
     # Verification: exact Jaccard of every candidate pair (or just its similarity when verify is off).
-    first = _as_lists([_attach_first.options(num_returns=k).remote(files[i], k, *near_by_a[i]) for i in range(k)], k)
-    verified = [_attach_second.remote(files[i], ngram, threshold if verify else None, *first[i]) for i in range(k)]
-    n_candidates = sum(ray.get([_count.remote(r) for part in first for r in part]))  # distinct pairs (a's part dedups)
+    verified, counts = _verify(files, pairs, requests, k, ngram, threshold if verify else None)
+    pair_counts = ray.get(counts)
+    n_candidates = sum(pair_counts)
     n_verified = sum(ray.get([_count.remote(v) for v in verified]))
     log.info("dedup graph: %d candidate pairs, %d verified near edges (%.1fs)", n_candidates, n_verified, time.time() - t0)
     t0 = time.time()
 
-    stars, rounds = connected_components(verified, k, max_rounds) if n_verified else ([_empty_edges.remote() for _ in range(k)], 0)
+    held: list[int] = []
+    stars, rounds = (connected_components(verified, k, max_rounds, held) if n_verified
+                     else ([_empty_edges.remote() for _ in range(k)], 0))
     roots = _as_lists([_roots.options(num_returns=k).remote(k, s) for s in stars], k)
-    pairs = _as_lists([_root_pairs.options(num_returns=k).remote(k, *roots[i])
-                       for i in range(k)], k)
-    first = _as_lists([_attach_first.options(num_returns=k).remote(files[i], k, *pairs[i]) for i in range(k)], k)
-    sims = [_attach_second.remote(files[i], ngram, None, *first[i]) for i in range(k)]
+    root_pairs = [_root_pairs.options(num_returns=1 + k).remote(k, *roots[i]) for i in range(k)]
+    sims, _ = _verify(files, [[r[0]] for r in root_pairs], [[r[1 + j] for r in root_pairs] for j in range(k)],
+                      k, ngram, None)
 
     labels = label_paths(labels_dir, k)
     part_stats = ray.get([_finalize.remote(os.path.join(out_dir, "duplicates", f"part-{i:05d}.parquet"), labels[i],
@@ -348,7 +429,9 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
     stats = {"candidate_edges": int(n_candidates), "verified_edges": int(n_verified), "cc_rounds": rounds,
              "exact_clusters": sum(s["exact_clusters"] for s in part_stats),
              "near_clusters": sum(s["near_clusters"] for s in part_stats),
-             "duplicate_rows": sum(s["duplicate_rows"] for s in part_stats)}
+             "duplicate_rows": sum(s["duplicate_rows"] for s in part_stats),
+             # skew: the most candidate pairs one verification task held, the most edges one CC task held
+             "max_task_pairs": max(pair_counts, default=0), "max_task_cc_rows": max(held, default=0)}
     return stats
 
 

@@ -214,7 +214,8 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
 
     # ---- pass 2 + 3: the duplicate graph (one unit)
     labels: list = []
-    graph_stats: dict = {"candidate_edges": 0, "verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "duplicate_rows": 0}
+    graph_stats: dict = {"candidate_edges": 0, "verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "duplicate_rows": 0,
+                         "max_task_pairs": 0, "max_task_cc_rows": 0}
     edges_dir = os.path.join(work, "edges")
 
     def graph_unit() -> dict:
