@@ -232,27 +232,40 @@ class PerplexityConfig:
         _check(self.num_gpus >= 0, "perplexity.num_gpus", "must be >= 0")
 
 
+TOXICITY_BACKENDS = ("detoxify", "profanity_check")
+
+
 @dataclass
 class ToxicityConfig:
     enabled: bool = True
-    """Score documents with Detoxify (one column per label + `toxicity` = their max)."""
+    """Score documents for toxicity (`tox_<label>` per label of the backend + `toxicity` = their max)."""
+    backend: Literal["auto", "detoxify", "profanity_check"] = "auto"
+    """detoxify: Detoxify checkpoints (the GPU path). profanity_check: the linear model shipped inside the PyPI
+    package alt-profanity-check (CPU, offline, Python >= 3.11; a different model, so its own threshold in
+    `decide.max_toxicity`). auto: Detoxify when its checkpoint loads, else profanity_check (a `checkpoint`
+    named here means Detoxify: no fallback). The backend that scored is saved in config.yaml and report.json,
+    and a run is resumed only with the same backend."""
     variant: Literal["original", "unbiased", "multilingual"] = "original"
-    """Detoxify model; its release file is looked up in the torch hub cache unless `checkpoint` is set."""
+    """detoxify: the model; its release file is looked up in the torch hub cache unless `checkpoint` is set."""
     checkpoint: Optional[str] = None
-    """Path of a Detoxify checkpoint (.ckpt, Detoxify's format)."""
+    """detoxify: path of a Detoxify checkpoint (.ckpt, Detoxify's format)."""
     hf_config_path: Optional[str] = None
-    """Directory with the HF config + tokenizer of the checkpoint's architecture (offline loading)."""
+    """detoxify: directory with the HF config + tokenizer of the checkpoint's architecture (offline loading)."""
     required: bool = False
-    """Fail before reading any data when the checkpoint cannot be loaded (else: report marks it unavailable)."""
+    """Fail before reading any data when the backend (auto: neither) cannot be loaded (else: the report marks
+    toxicity unavailable)."""
     batch_size: int = 64
-    """Chunks per forward (documents are scored in chunks of the model's 512 tokens)."""
+    """detoxify: chunks per forward (documents are scored in chunks of the model's 512 tokens)."""
+    chunk_words: int = 32
+    """profanity_check: most words per scored chunk (sentences packed greedily, longer ones cut); a document's
+    score is the max over its chunks (a bag of words over a whole document dilutes one insult away)."""
     num_gpus: float = 0.0
-    """GPUs per scoring actor."""
+    """GPUs per scoring actor (detoxify; profanity_check runs on CPU and asks for none)."""
     concurrency: int = 1
     """Scoring actors."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "concurrency"):
+        for name in ("batch_size", "chunk_words", "concurrency"):
             _check(getattr(self, name) >= 1, f"toxicity.{name}", "must be >= 1")
         _check(self.num_gpus >= 0, "toxicity.num_gpus", "must be >= 0")
 
@@ -263,6 +276,33 @@ class ScoringConfig:
     """Run the model steps on every document, not only on those that survive dedup and heuristics."""
 
 
+MAX_TOXICITY = {"detoxify": 0.8, "profanity_check": 0.7}
+
+
+def _threshold(value: Any, key: str, what: str = "a number or null") -> Optional[float]:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    _check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)), key,
+           f"must be {what}, got {value!r}")
+    _frac(value, key)
+    return None if value is None else float(value)
+
+
+def _per_backend(value: Any, key: str) -> dict:
+    """A threshold per toxicity backend: a mapping (backends left out keep their defaults), or one number /
+    null for all of them."""
+    if not isinstance(value, dict):
+        one = _threshold(value, key, "a number, null or a mapping backend: number")
+        return {b: one for b in TOXICITY_BACKENDS}
+    for b in value:
+        _check(b in TOXICITY_BACKENDS, f"{key}.{b}",
+               f"unknown toxicity backend (known: {', '.join(TOXICITY_BACKENDS)})")
+    return {b: _threshold(value[b], f"{key}.{b}") if b in value else MAX_TOXICITY[b] for b in TOXICITY_BACKENDS}
+
+
 @dataclass
 class DecideConfig:
     """The quality decision (see app/refine/decide.py for the quality_score formula)."""
@@ -271,8 +311,11 @@ class DecideConfig:
     """high_perplexity: perplexity above this drops a document (absolute rule; null: off)."""
     max_nll_percentile: Optional[float] = None
     """high_perplexity: NLL above this percentile of its source drops a document (e.g. 0.9; null: off)."""
-    max_toxicity: Optional[float] = 0.8
-    """toxic: toxicity above this drops a document (null: off)."""
+    max_toxicity: Any = field(default_factory=lambda: dict(MAX_TOXICITY))
+    """toxic: toxicity above this drops a document, per backend (two models, two scales): detoxify 0.8;
+    profanity_check 0.7 (above every document of `make run`'s corpus but the WTFPL licence text, the next
+    highest 0.56; below every offensive sentence of tests/test_toxicity.py; benchmarks/toxicity.py). A number
+    sets every backend's; null (here or for one backend): off."""
     head_percentile: float = 1 / 3
     """quality_bucket "head": per-source NLL percentile below this (CCNet terciles)."""
     tail_percentile: float = 2 / 3
@@ -282,12 +325,16 @@ class DecideConfig:
 
     def __post_init__(self) -> None:
         _frac(self.max_nll_percentile, "decide.max_nll_percentile")
-        _frac(self.max_toxicity, "decide.max_toxicity")
+        self.max_toxicity = _per_backend(self.max_toxicity, "decide.max_toxicity")
         _frac(self.head_percentile, "decide.head_percentile")
         _frac(self.tail_percentile, "decide.tail_percentile")
         _check(self.head_percentile <= self.tail_percentile, "decide.head_percentile", "must be <= decide.tail_percentile")
         _check(self.max_perplexity is None or self.max_perplexity > 0, "decide.max_perplexity", "must be > 0")
         _check(self.min_nll_std > 0, "decide.min_nll_std", "must be > 0")
+
+    def toxicity_threshold(self, backend: Optional[str]) -> Optional[float]:
+        """`max_toxicity` of the backend that scored (None: no backend, or its rule is off)."""
+        return self.max_toxicity.get(backend) if backend else None
 
 
 @dataclass
@@ -313,7 +360,7 @@ class RefineConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     """Perplexity under a reference LM."""
     toxicity: ToxicityConfig = field(default_factory=ToxicityConfig)
-    """Detoxify toxicity."""
+    """Toxicity (Detoxify, or the offline profanity_check model)."""
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     """Which documents the model steps score."""
     decide: DecideConfig = field(default_factory=DecideConfig)

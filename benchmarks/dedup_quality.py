@@ -112,7 +112,7 @@ def main() -> None:
                 t0 = time.time()
                 rep = run_refine([os.path.join(tmp, "corpus.jsonl")], out, cfg, overwrite=True)
                 secs = time.time() - t0
-                graph_secs.append(rep["phases"].get("dedup_graph", float("nan")))
+                graph_secs.append(rep["phases_seconds"].get("dedup_graph", float("nan")))
             rows = pq.read_table(os.path.join(out, "duplicates")).to_pylist()
             pred = pairs_in_components([(r["id"], r["representative_id"]) for r in rows], docs)
             tp = len(gt & pred)

@@ -55,12 +55,35 @@ def test_overrides_are_typed_and_applied():
     ("perplexity.window=middle", "perplexity.window"),
     ("toxicity.variant=spicy", "toxicity.variant"),
     ("decide.max_toxicity=1.5", "decide.max_toxicity"),
+    ("decide.max_toxicity=[0.5]", "decide.max_toxicity"),
+    ("decide.max_toxicity.spicy=0.5", "decide.max_toxicity.spicy"),
+    ("decide.max_toxicity.profanity_check=2", "decide.max_toxicity.profanity_check"),
+    ("toxicity.backend=perspective", "toxicity.backend"),
+    ("toxicity.chunk_words=0", "toxicity.chunk_words"),
     ("dedup.exact=1", "dedup.exact"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(RefineConfig, None, [override])
     assert str(e.value).startswith(key + ":")
+
+
+def test_max_toxicity_is_a_threshold_per_backend(tmp_path):
+    """Two toxicity models, two scales: one threshold each; a number (or null) still sets them all."""
+    assert RefineConfig().decide.max_toxicity == {"detoxify": 0.8, "profanity_check": 0.7}
+    one = load_config(RefineConfig, None, ["decide.max_toxicity=0.5"]).decide
+    assert one.max_toxicity == {"detoxify": 0.5, "profanity_check": 0.5}
+    off = load_config(RefineConfig, None, ["decide.max_toxicity=null"]).decide
+    assert off.toxicity_threshold("detoxify") is None and off.toxicity_threshold("profanity_check") is None
+    mine = load_config(RefineConfig, None, ["decide.max_toxicity.profanity_check=0.9"]).decide
+    assert mine.max_toxicity == {"detoxify": 0.8, "profanity_check": 0.9}  # the other keeps its default
+    assert mine.toxicity_threshold("profanity_check") == 0.9 and mine.toxicity_threshold(None) is None
+    p = tmp_path / "c.yaml"
+    p.write_text("decide:\n  max_toxicity:\n    detoxify: 0.6\n")
+    both = load_config(RefineConfig, p, ["decide.max_toxicity.profanity_check=null"]).decide
+    assert both.max_toxicity == {"detoxify": 0.6, "profanity_check": None}
+    assert yaml.safe_load(yaml.safe_dump(to_dict(load_config(RefineConfig, p))))["decide"]["max_toxicity"] == \
+        {"detoxify": 0.6, "profanity_check": 0.7}  # config.yaml carries both
 
 
 def test_bad_yaml_file(tmp_path):

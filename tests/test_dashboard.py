@@ -192,6 +192,15 @@ def test_browser_draws_the_dashboard_of_make_run(make_run_output):
     assert heat["text"] == [[fmt(r[k], kind) for k, _, kind in SIGNALS]
                             for r in sorted(report["shards"], key=lambda r: r["source"])]
     assert sum(page_data(written, "hist-perplexity-0")[0]["y"]) == sum(report["histograms"]["perplexity"]["kept"]) > 0
+    # Toxicity on the default config: Detoxify where its checkpoint loads, else the offline model; never an empty column.
+    tox = report["toxicity"]
+    assert tox["available"] and tox["backend"] in ("detoxify", "profanity_check"), tox
+    assert report["thresholds"]["max_toxicity"] == report["config"]["decide"]["max_toxicity"][tox["backend"]]
+    hist = report["histograms"]["toxicity"]
+    assert sum(page_data(written, "hist-toxicity-0")[0]["y"]) == sum(hist["kept"]) > 0
+    assert sum(hist["kept"]) + sum(hist["dropped"]) == sum(r["toxicity_scored"] for r in report["shards"])
+    assert all(r["toxicity_mean"] is not None for r in report["shards"] if r["toxicity_scored"])
+    assert f"toxicity: available ({tox['backend']}" in written
 
     server = make_server([make_run_output], 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -212,7 +221,8 @@ def test_browser_draws_the_dashboard_of_make_run(make_run_output):
             img = page.locator("#heatmap-0 .heatmaplayer image").first.bounding_box()
             assert img and img["width"] > 0 and img["height"] > 0
             assert page.locator("#hist-perplexity-0 .barlayer .point").count() > 0  # bars drawn
-            assert page.locator("#hist-toxicity-0 .main-svg").count() > 0
+            assert page.locator("#hist-toxicity-0 .barlayer .point").count() > 0  # bars drawn
+            assert tox["backend"] in page.locator("#hist-toxicity-0 .gtitle").first.text_content()
             drag = page.locator("#heatmap-0 .nsewdrag").first.bounding_box()
             page.mouse.move(drag["x"] + drag["width"] * 0.05, drag["y"] + drag["height"] * 0.05)
             hover = page.locator("#heatmap-0 .hoverlayer .hovertext")

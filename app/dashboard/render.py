@@ -5,8 +5,8 @@
 
 Sections per run: counts; the shard heatmap (shards x signals, colour scaled per column, hover shows the
 number, a menu sorts the rows by any column); perplexity and toxicity histograms, kept vs dropped, with
-the drop thresholds drawn; drop reasons; the worst shards; sample documents per drop reason, duplicates
-beside the document they matched.
+the drop thresholds drawn (toxicity: the threshold, title and axis of the backend that scored); drop reasons;
+the worst shards; sample documents per drop reason, duplicates beside the document they matched.
 
 Large runs: with more shards than ``report.heatmap_rows`` (default 100), consecutive shards (in source
 order) are aggregated into that many groups; sums for counts, document-weighted means for ratios, and
@@ -159,6 +159,9 @@ def histogram_figure(report: dict, name: str):
     total = sum(sum(h.get(s, [])) for s in ("kept", "dropped"))
     info = report.get(name, {})
     title = "Perplexity (log scale)" if log else "Toxicity"
+    backend = info.get("backend") if not log else None
+    if backend:  # two toxicity models, two scales: the page says which one scored
+        title += f": {backend}"
     if total == 0:
         why = "unavailable (see above)" if not info.get("available", True) else "no document was scored"
         fig.add_annotation(text=f"{name}: {why}", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
@@ -171,9 +174,11 @@ def histogram_figure(report: dict, name: str):
         if t.get("max_nll_percentile") is not None:
             title += f"; also dropped above the {t['max_nll_percentile']:.0%} NLL percentile of each source"
     else:
-        fig.update_xaxes(title="toxicity (max over labels)", range=[0, 1])
+        what = {"detoxify": "max over labels and chunks", "profanity_check": "P(offensive), max over chunks"}
+        fig.update_xaxes(title=f"toxicity ({what.get(backend, 'max over labels')})", range=[0, 1])
         if t.get("max_toxicity") is not None:
-            _threshold(fig, t["max_toxicity"], f"max_toxicity {t['max_toxicity']:g}")
+            label = f"max_toxicity {t['max_toxicity']:g}" + (f" ({backend})" if backend else "")
+            _threshold(fig, t["max_toxicity"], label)
     fig.update_layout(title={"text": title}, barmode="overlay", height=340, margin={"l": 10, "r": 10, "t": 60, "b": 10},
                       yaxis={"title": "documents", "automargin": True}, legend={"orientation": "h", "y": -0.25})
     return fig
@@ -251,13 +256,19 @@ def _fig_html(fig, div_id: str, modebar: bool = True) -> str:
                        config={"displaylogo": False, "responsive": True, "displayModeBar": modebar})
 
 
+def _availability(info: dict) -> str:
+    if not info.get("available"):
+        return f"unavailable ({info.get('reason')})"
+    what = ": ".join(str(x) for x in (info.get("backend"), info.get("model")) if x)  # toxicity: which backend scored
+    return f"available ({what})" if what else "available"
+
+
 def run_section(report: dict, i: int, title: str) -> str:
     c = report["counts"]
     max_rows = report.get("config", {}).get("report", {}).get("heatmap_rows", DEFAULT_ROWS)
     heat, _ = heatmap_figure(report, max_rows)
     acc = report["accounting"]
-    avail = [f"{n}: {'available' if report.get(n, {}).get('available') else 'unavailable (' + str(report.get(n, {}).get('reason')) + ')'}"
-             for n in ("perplexity", "toxicity")]
+    avail = [f"{n}: {_availability(report.get(n, {}))}" for n in ("perplexity", "toxicity")]
     summary = (f'<p class="counts" data-run="{i}">input <b>{c["input"]:,}</b> · kept <b>{c["kept"]:,}</b> · '
                f'dropped <b>{c["dropped"]:,}</b> · quarantined <b>{c["quarantined"]:,}</b> · accounting '
                f'{"ok" if acc["ok"] else "FAILED"}: {html.escape(acc["message"])}</p>'

@@ -140,8 +140,12 @@ def percentile_of(value: float, qs: list) -> float:
     return float(np.clip((lo + hi) / 2 - 0.5, 0, 100) / 100)
 
 
-def quality_step(table: pa.Table, summary: dict, decide_cfg, heuristics_cfg, heuristics_enabled: bool) -> pa.Table:
-    """Adds ``nll_z``, ``nll_percentile``, ``quality_score``, ``quality_bucket``; appends model drop reasons."""
+def quality_step(table: pa.Table, summary: dict, decide_cfg, heuristics_cfg, heuristics_enabled: bool, *,
+                 max_toxicity: Optional[float] = None) -> pa.Table:
+    """Adds ``nll_z``, ``nll_percentile``, ``quality_score``, ``quality_bucket``; appends model drop reasons.
+
+    ``max_toxicity``: the ``toxic`` threshold of the toxicity backend that scored (``decide.max_toxicity`` is
+    one per backend; None: the rule is off)."""
     cols = table.column_names
     n = table.num_rows
     sources = table.column("source").to_pylist()
@@ -170,7 +174,7 @@ def quality_step(table: pa.Table, summary: dict, decide_cfg, heuristics_cfg, heu
         if (ppl[i] is not None and decide_cfg.max_perplexity is not None and ppl[i] > decide_cfg.max_perplexity) or \
                 (pct is not None and decide_cfg.max_nll_percentile is not None and pct > decide_cfg.max_nll_percentile):
             rs.append("high_perplexity")
-        if tox[i] is not None and decide_cfg.max_toxicity is not None and tox[i] > decide_cfg.max_toxicity:
+        if tox[i] is not None and max_toxicity is not None and tox[i] > max_toxicity:
             rs.append("toxic")
         z_col.append(z)
         pct_col.append(pct)

@@ -162,7 +162,11 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     # Model references are checked before any data is read (toxicity.required fails the job here).
     if cfg.perplexity.enabled:
         resolve(cfg.perplexity.model)
-    toxicity_ok, toxicity_reason = check_toxicity(cfg)
+    toxicity = check_toxicity(cfg)
+    toxicity_ok = toxicity.ok
+    if toxicity_ok:  # resolved (auto -> the backend that scores): config.yaml and the resume fingerprint name it
+        cfg = dataclasses.replace(cfg, toxicity=dataclasses.replace(cfg.toxicity, backend=toxicity.backend))
+    max_toxicity = cfg.decide.toxicity_threshold(toxicity.backend)
     out_dir = os.path.abspath(out_dir)
     k = cfg.dedup.num_partitions or num_partitions_for(files, cfg.dedup.partition_bytes)
     cfg = dataclasses.replace(cfg, dedup=dataclasses.replace(cfg.dedup, num_partitions=k))  # resolved
@@ -265,7 +269,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
 
     def output_unit() -> dict:
         t0 = time.time()
-        sink = OutputSink(out_dir, max_toxicity=cfg.decide.max_toxicity, samples=cfg.report.samples,
+        sink = OutputSink(out_dir, max_toxicity=max_toxicity, samples=cfg.report.samples,
                           lookup_ids={d for p in dup_picks for d in (p["id"], p["representative_id"])})
         summary: dict = {}
         if n_good:
@@ -273,6 +277,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
                 summary = summarize(merge_stats(r["stats"] for r in score_recs))
                 ds = read_work(parquet_files(scored_dir), None, cfg.io.batch_size).map_batches(
                     functools.partial(_quality_batch, summary_ref=ray.put(summary), decide_cfg=cfg.decide,
+                                      max_toxicity=max_toxicity,
                                       heuristics_cfg=cfg.heuristics, heuristics_enabled=cfg.heuristics.enabled),
                     batch_format="pyarrow", batch_size=None)
             else:
@@ -290,7 +295,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     phases["total"] = sum(phases.values())
     report = build_report(files=files, cfg=cfg, ingest=ingest_counts, output=rec["counts"], steps=_merge_steps(records),
                           graph=graph_stats, phases=phases, lsh=banding.as_dict(), out_dir=out_dir,
-                          scores=rec["summary"], toxicity=(toxicity_ok, toxicity_reason), profile=rec["profile"],
+                          scores=rec["summary"], toxicity=toxicity.as_report(), profile=rec["profile"],
                           duplicate_samples=duplicate_samples(dup_picks, rec["profile"]["lookup"]))
     report["resume"] = {**run.summary(), "this_run_seconds": round(time.time() - t_start, 3)}
     write_report(report, out_dir)

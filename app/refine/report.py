@@ -19,7 +19,8 @@ class AccountingError(RuntimeError):
     """input != kept + dropped + quarantined (in total or for some shard)."""
 
 
-VERSIONED = ["distillery", "ray", "pyarrow", "numpy", "numba", "datasketch", "pandas", "torch", "transformers"]
+VERSIONED = ["distillery", "ray", "pyarrow", "numpy", "numba", "datasketch", "pandas", "torch", "transformers",
+             "detoxify", "alt-profanity-check", "scikit-learn"]
 
 
 def versions() -> dict:
@@ -44,9 +45,13 @@ def _share(n, d):
 
 
 def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: dict, phases: dict, lsh: dict,
-                 out_dir: str, scores: dict | None = None, toxicity: tuple[bool, str] = (False, "toxicity.enabled is false"),
+                 out_dir: str, scores: dict | None = None, toxicity: dict | None = None,
                  profile: dict | None = None, duplicate_samples: dict | None = None) -> dict:
+    """``toxicity``: the report's toxicity section (``ToxicityChoice.as_report()``: available, reason, backend,
+    model, labels, selection); None: toxicity was off."""
     profile = profile or empty_profile()
+    toxicity = toxicity or {"available": False, "reason": "toxicity.enabled is false", "backend": None, "model": None,
+                            "labels": [], "selection": ""}
     shards = []
     problems = []
     totals = {"input": 0, "kept": 0, "dropped": 0, "quarantined": 0}
@@ -132,10 +137,11 @@ def build_report(*, files, cfg, ingest: dict, output: dict, steps: dict, graph: 
             "perplexity": {"log10_edges": PPL_LOG10_EDGES.tolist(), **profile["hist"]["perplexity"]},
             "toxicity": {"edges": TOX_EDGES.tolist(), **profile["hist"]["toxicity"]}},
         "thresholds": {"max_perplexity": cfg.decide.max_perplexity, "max_nll_percentile": cfg.decide.max_nll_percentile,
-                       "max_toxicity": cfg.decide.max_toxicity},
+                       "max_toxicity": cfg.decide.toxicity_threshold(toxicity.get("backend")),
+                       "toxicity_backend": toxicity.get("backend"), "max_toxicity_by_backend": cfg.decide.max_toxicity},
         "samples": {**{r: v for r, v in profile["samples"].items() if r not in (duplicate_samples or {})},
                     **(duplicate_samples or {})},
-        "toxicity": {"available": toxicity[0], "reason": toxicity[1]},
+        "toxicity": toxicity,
         "perplexity": {"available": cfg.perplexity.enabled,
                        "reason": "ok" if cfg.perplexity.enabled else "perplexity.enabled is false",
                        "model": cfg.perplexity.model if cfg.perplexity.enabled else None},

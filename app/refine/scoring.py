@@ -1,7 +1,8 @@
 """The model part of the refine plan: which documents are scored, the scoring actors, per-source statistics.
 
     read work -> dedup/heuristic decision -> `_score_text` (text of the documents to score, else null)
-      -> Tokenize (CPU actors) -> PerplexityScorer (GPU/CPU actors) -> ToxicityScorer (actors)
+      -> Tokenize (CPU actors) -> PerplexityScorer (GPU/CPU actors) -> ToxicityScorer (Detoxify, GPU/CPU actors)
+                                                                          or ProfanityCheckScorer (CPU actors)
       -> ScoredSink: _work/scored/ + per-source NLL and toxicity histograms
     read scored -> quality_step (per-source standardization, buckets, model drop rules) -> OutputSink
 """
@@ -18,30 +19,33 @@ from ray.data.datasource import Datasink
 from app.refine.decide import batch_stats, merge_stats
 from app.refine.perplexity import PerplexityScorer, Tokenize
 from app.refine.sinks import _Writers
-from app.refine.toxicity import ToxicityScorer, ToxicityUnavailable, load_detoxify
+from app.refine.toxicity import (ProfanityCheckScorer, ToxicityChoice, ToxicityScorer, ToxicityUnavailable,
+                                  select_backend)
 
 log = logging.getLogger(__name__)
 
 SCORE_COLUMN = "_score_text"
 
 
-def check_toxicity(cfg) -> tuple[bool, str]:
-    """Load the Detoxify checkpoint once on the driver, before any data is read.
+def check_toxicity(cfg) -> ToxicityChoice:
+    """Choose and load the toxicity backend once on the driver, before any data is read.
 
     Unavailable + ``required`` -> ToxicityUnavailable (the job fails); otherwise one log line and the
     report marks toxicity unavailable.
     """
     t = cfg.toxicity
     if not t.enabled:
-        return False, "toxicity.enabled is false"
+        return ToxicityChoice(reason="toxicity.enabled is false")
     try:
-        load_detoxify(t.variant, t.checkpoint, t.hf_config_path)
+        choice = select_backend(t.backend, variant=t.variant, checkpoint=t.checkpoint, hf_config_path=t.hf_config_path)
     except ToxicityUnavailable as e:
         if t.required:
             raise
         log.warning("%s; toxicity is skipped (toxicity.required is false)", e)
-        return False, str(e)
-    return True, "ok"
+        return ToxicityChoice(reason=str(e))
+    log.info("toxicity: the %s backend scores (%s)%s", choice.backend, choice.model,
+             f"; {choice.selection}" if choice.selection else "")
+    return choice
 
 
 def mark_for_scoring(table: pa.Table, *, score_dropped: bool) -> pa.Table:
@@ -62,6 +66,7 @@ def tokenize_pool(p):
 
 
 def add_model_steps(ds, cfg, toxicity_ok: bool):
+    """The perplexity steps and the toxicity scorer of ``cfg.toxicity.backend`` (resolved: not ``auto``)."""
     p, t = cfg.perplexity, cfg.toxicity
     if p.enabled:
         ds = ds.map_batches(Tokenize, fn_constructor_kwargs={"model_ref": p.model, "max_tokens": p.max_tokens,
@@ -73,7 +78,13 @@ def add_model_steps(ds, cfg, toxicity_ok: bool):
                                                    "device": "cuda" if p.num_gpus > 0 else "cpu"},
                             batch_format="pyarrow", batch_size=p.batch_size, concurrency=p.concurrency,
                             num_gpus=p.num_gpus)
-    if toxicity_ok:
+    if toxicity_ok and t.backend == "profanity_check":  # CPU only: toxicity.num_gpus is Detoxify's
+        ds = ds.map_batches(ProfanityCheckScorer, fn_constructor_kwargs={"chunk_words": t.chunk_words,
+                                                                         "column": SCORE_COLUMN},
+                            batch_format="pyarrow", batch_size=max(t.batch_size, 64), concurrency=t.concurrency)
+    elif toxicity_ok:
+        if t.backend != "detoxify":
+            raise ValueError(f"toxicity.backend {t.backend!r}: resolve it first (check_toxicity)")
         ds = ds.map_batches(ToxicityScorer, fn_constructor_kwargs={
             "variant": t.variant, "checkpoint": t.checkpoint, "hf_config_path": t.hf_config_path,
             "device": "cuda" if t.num_gpus > 0 else "cpu", "batch_size": t.batch_size, "column": SCORE_COLUMN},
