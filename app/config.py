@@ -170,6 +170,8 @@ class NearDedupConfig:
         _check(self.rows is None or self.rows >= 1, "dedup.near.rows", "must be >= 1")
         from app.refine.banding import choose_banding  # numpy only
 
+        if not self.enabled:
+            return
         try:
             choose_banding(self.threshold, self.num_perm, self.min_recall, bands=self.bands, rows=self.rows)
         except ValueError as e:

@@ -32,7 +32,11 @@ def test_chooser_meets_min_recall_with_the_fewest_candidates(num_perm, min_recal
 def test_default_banding_and_overrides():
     got = choose_banding(0.8, 128, 0.99)
     assert (got.bands, got.rows, got.chosen_by) == (16, 6, "min_recall")
-    # datasketch's weighted optimum (16 x 8) finds a pair at exactly 0.8 one time in ~19 less often
+    # datasketch's weighted optimum (16 x 8, the banding before) finds a pair at exactly 0.8 one time in ~19 less often
+    from datasketch import MinHashLSH
+
+    ds = MinHashLSH(threshold=0.8, num_perm=128, weights=(0.05, 0.95))
+    assert (ds.b, ds.r) == (16, 8)
     old = choose_banding(0.8, 128, 0.99, bands=16, rows=8)
     assert old.chosen_by == "config" and old.recall_at_threshold == pytest.approx(0.9470, abs=1e-4)
     assert got.false_candidates > old.false_candidates  # the price: more candidates to verify
@@ -42,6 +46,10 @@ def test_default_banding_and_overrides():
     assert choose_banding(0.8, 128, 0.99, bands=8).bands == 8
     with pytest.raises(ValueError, match="min_recall"):
         choose_banding(0.5, 4, 0.99)  # 4 permutations cannot: 4 bands of 1 row find a pair at 0.5 with 0.9375
+    # a band of many rows collides with a denormal probability at a low threshold: skipped, not an overflow
+    assert choose_banding(0.3, 1024, 0.99).recall_at_threshold >= 0.99
+    assert choose_banding(0.05, 256, 0.99).recall_at_threshold >= 0.99
+    assert choose_banding(0.5, 2048, 0.99).recall_at_threshold >= 0.99
     with pytest.raises(ValueError, match="exceeds num_perm"):
         choose_banding(0.8, 128, 0.99, bands=20, rows=8)
 
@@ -54,6 +62,8 @@ def test_config_validates_the_banding():
         load_config(RefineConfig, None, ["dedup.near.num_perm=4", "dedup.near.threshold=0.5"])
     with pytest.raises(ConfigError, match="min_recall"):
         load_config(RefineConfig, None, ["dedup.near.min_recall=1.0"])
+    # an unused near-dedup config is not held to a banding
+    load_config(RefineConfig, None, ["dedup.near.enabled=false", "dedup.near.num_perm=4", "dedup.near.threshold=0.5"])
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import unicodedata
 
 import numpy as np
 import pytest
-from datasketch import MinHash, MinHashLSH
+from datasketch import MinHash
 
 from app.refine.minhash import (_SHORT_DOC, _encode, _kernel_form, _nfkc, band_hashes, hashfunc, jaccard,
-                                lsh_params, minhash_signatures, minhash_signatures_ref, shingles, words)
+                                minhash_signatures, minhash_signatures_ref, shingles, words)
 
 # Characters that stress the encoding: case, NFKC (ligatures, full width, compatibility forms),
 # combining marks (also right after a line feed), final sigma, lone surrogates, non-word symbols.
@@ -71,10 +71,8 @@ def test_signature_agreement_estimates_jaccard(real_texts):
     assert abs(est - true) < 0.12
 
 
-def test_lsh_params_and_bands():
-    b, r = lsh_params(0.8, 128, 0.5, 0.5)
-    lsh = MinHashLSH(threshold=0.8, num_perm=128)
-    assert (b, r) == (lsh.b, lsh.r)
+def test_band_hashes():
+    b, r = 16, 6
     sig = minhash_signatures(["a b c d e f g", "a b c d e f g", "completely different words here now"], num_perm=128)
     keys = band_hashes(sig, b, r)
     assert keys.shape == (3, b) and keys.dtype == np.uint64

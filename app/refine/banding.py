@@ -75,9 +75,10 @@ def choose_banding(threshold: float, num_perm: int, min_recall: float, *, bands:
         elif p_band <= 0.0:
             continue
         else:
-            b = max(1, math.ceil(math.log1p(-min_recall) / math.log1p(-p_band) - 1e-9))
-            if b * r > num_perm + r:  # too many bands even after the rounding guard below
+            need = math.log1p(-min_recall) / math.log1p(-p_band)  # inf when p_band is denormal
+            if not math.isfinite(need) or need > num_perm + 1:  # more bands than num_perm allows
                 continue
+            b = max(1, math.ceil(need - 1e-9))
             while b > 1 and collision_probability(threshold, b - 1, r) >= min_recall:  # guard the float rounding
                 b -= 1
             while collision_probability(threshold, b, r) < min_recall and b * r <= num_perm:

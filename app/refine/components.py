@@ -127,9 +127,14 @@ def _route_pairs(df: pd.DataFrame, k: int) -> list[pd.DataFrame]:
     if not len(df):
         return _split_df(df, "b", k, ["a", "b"]) + _split_df(df, "a", k, ["a", "dest"])
     dest = partition_of(df["b"].tolist(), k)
-    req = pd.DataFrame({"a": df["a"].values, "dest": dest}).drop_duplicates().reset_index(drop=True)
     by_b = [df[dest == i].reset_index(drop=True) for i in range(k)]
-    return by_b + _split_df(req, "a", k, ["a", "dest"])
+    return by_b + _text_requests(df["a"].values, dest, k)
+
+
+def _text_requests(a, dest, k: int) -> list[pd.DataFrame]:
+    """Distinct (a, dest) -> k pieces by part(a)."""
+    req = pd.DataFrame({"a": a, "dest": dest}).drop_duplicates().reset_index(drop=True)
+    return _split_df(req, "a", k, ["a", "dest"])
 
 
 @ray.remote
@@ -298,17 +303,16 @@ def _roots(k: int, *pieces):
 
 
 @ray.remote
-def _root_pairs(k: int, *pieces):
-    """(node, root) rows of this part -> pairs (a=root, b=node) for non-roots (they stay in this part, which is
-    part(node)) and text requests for the roots by part(root) (``_route_pairs``)."""
+def _root_pairs(k: int, i: int, *pieces):
+    """(node, root) rows of part ``i`` -> pairs (a=root, b=node) for non-roots (they stay here: part(node) = i)
+    and text requests (root, i) by part(root)."""
     d = _concat(pieces)
     if len(d):
         d = d[d["node"] != d["root"]].drop_duplicates("node")
         d = pd.DataFrame({"a": d["root"].values, "b": d["node"].values})
     else:
         d = pd.DataFrame({"a": pd.Series([], dtype=object), "b": pd.Series([], dtype=object)})
-    routed = _route_pairs(d, k)
-    return tuple([d] + routed[k:])
+    return tuple([d] + _text_requests(d["a"].values, np.full(len(d), i, dtype=np.int64), k))
 
 
 @ray.remote
@@ -362,7 +366,9 @@ def connected_components(edges: list, k: int, max_rounds: int, held: Optional[li
     Converged when a whole round (large-star, then small-star) changes nothing: every component is then
     a star around its smallest id. Every edge is routed by its larger end, so a star's center - its smallest
     id, the larger end of none of its edges - never gathers its edges in one task: a component of a million
-    nodes is spread over the k parts like any other edges. One round: one shuffle of rows and of requests for
+    nodes is spread over the k parts like any other edges (Large-Star and Small-Star only ever make stars
+    around smaller ids; a node with many smaller neighbours in the input would gather those, which the
+    candidate graph of ``lsh.bucket_edges`` does not have). One round: one shuffle of rows and of requests for
     m(s) (distinct per map task), one of the answers, and Small-Star on Large-Star's output where it is.
     """
     for rnd in range(1, max_rounds + 1):
@@ -395,9 +401,11 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
 
     Writes ``out_dir/duplicates/part-<i>.parquet`` and the labels of part i to ``label_paths(labels_dir, k)[i]``.
     Every input is a file, so a task lost with its node is run again from files (or from the outputs of
-    tasks Ray reconstructs by lineage). No task holds more than its part's share of a cluster: pairs are
-    verified where their larger id lives, with the anchor's text sent there once (``_verify``), and connected
-    components route edges by their larger end (``connected_components``).
+    tasks Ray reconstructs by lineage). A cluster's candidate edges are stars around its smallest id plus chains
+    (``lsh.bucket_edges``), so no id has many smaller neighbours, and no task holds much more than its part's
+    share of a cluster: pairs are verified where their larger id lives, with the anchor's text sent there once
+    (``_verify``), and connected components route edges by their larger end (``connected_components``). (A
+    node with many *smaller* neighbours would still gather them in one task; the candidate graph has none.)
     """
     t0 = time.time()
     files = [parquet_files(work_docs, [p]) for p in range(k)]
@@ -418,7 +426,7 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
     stars, rounds = (connected_components(verified, k, max_rounds, held) if n_verified
                      else ([_empty_edges.remote() for _ in range(k)], 0))
     roots = _as_lists([_roots.options(num_returns=k).remote(k, s) for s in stars], k)
-    root_pairs = [_root_pairs.options(num_returns=1 + k).remote(k, *roots[i]) for i in range(k)]
+    root_pairs = [_root_pairs.options(num_returns=1 + k).remote(k, i, *roots[i]) for i in range(k)]
     sims, _ = _verify(files, [[r[0]] for r in root_pairs], [[r[1 + j] for r in root_pairs] for j in range(k)],
                       k, ngram, None)
 

@@ -141,7 +141,7 @@ def percentile_of(value: float, qs: list) -> float:
 
 
 def quality_step(table: pa.Table, summary: dict, decide_cfg, heuristics_cfg, heuristics_enabled: bool, *,
-                 max_toxicity: Optional[float] = None) -> pa.Table:
+                 max_toxicity: Optional[float]) -> pa.Table:
     """Adds ``nll_z``, ``nll_percentile``, ``quality_score``, ``quality_bucket``; appends model drop reasons.
 
     ``max_toxicity``: the ``toxic`` threshold of the toxicity backend that scored (``decide.max_toxicity`` is

@@ -206,9 +206,9 @@ def _kernel():
         max_len = 0
         for d in range(n_docs):
             max_len = max(max_len, offsets[d + 1] - offsets[d])
-        wh = np.empty(max_len + 2, dtype=np.uint64)  # (W,) word hashes of one document
-        acc = np.empty(max_len + 2, dtype=np.uint64)  # (S,) shingle folds
-        hs = np.empty(max_len + 2, dtype=np.uint32)  # (S,) fmix32 of the shingle hashes
+        wh = np.empty(max_len // 2 + 2, dtype=np.uint64)  # (W,) word hashes of one document (a word and its end: >= 2 bytes)
+        acc = np.empty(max_len // 2 + 2, dtype=np.uint64)  # (S,) shingle folds (S <= W)
+        hs = np.empty(max_len // 2 + 2, dtype=np.uint32)  # (S,) fmix32 of the shingle hashes
         sig = np.empty(num_perm, dtype=np.uint32)  # (P,)
         for d in range(n_docs):
             # 1. FNV-1a of every word, without a branch per byte: the running hash is stored at the
@@ -308,11 +308,3 @@ def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
             acc = (acc ^ sig[:, :, r]) * np.uint64(_FOLD_MUL)
             acc ^= acc >> np.uint64(29)
     return acc
-
-
-def lsh_params(threshold: float, num_perm: int, fp_weight: float, fn_weight: float) -> tuple[int, int]:
-    """(bands, rows) that datasketch's ``MinHashLSH`` picks for this threshold and weighting."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(fp_weight, fn_weight))
-    return int(lsh.b), int(lsh.r)

@@ -178,14 +178,14 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     work_docs, labels_dir = os.path.join(work, "docs"), os.path.join(work, "labels")
     quarantine_dir, dup_dir = os.path.join(out_dir, "quarantine"), os.path.join(out_dir, "duplicates")
     near, exact = cfg.dedup.near, cfg.dedup.exact
-    banding = choose_banding(near.threshold, near.num_perm, near.min_recall, bands=near.bands, rows=near.rows)
-    bands, rows = banding.bands, banding.rows
+    banding = (choose_banding(near.threshold, near.num_perm, near.min_recall, bands=near.bands, rows=near.rows)
+               if near.enabled else None)
     stats = StepStats.options(scheduling_strategy=_on_this_node()).remote()
     groups = run.state["groups"]
     log.info("refine: %d input files in %d groups -> %s (%d partitions)", len(files), len(groups), out_dir, k)
     if near.enabled:
         log.info("refine: LSH banding %d bands x %d rows (%s): finds a pair at Jaccard %.2f with probability %.4f",
-                 bands, rows, "chosen for min_recall %.3g" % near.min_recall if banding.chosen_by == "min_recall"
+                 banding.bands, banding.rows, "chosen for min_recall %.3g" % near.min_recall if banding.chosen_by == "min_recall"
                  else "from the config", near.threshold, banding.recall_at_threshold)
 
     # ---- pass 1: parse, score, hash; quarantine the malformed. One unit per group of input files.
@@ -194,7 +194,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
         steps.insert(1, ("heuristics", heuristics_step))
     if near.enabled:
         steps.append(("minhash", functools.partial(minhash_step, num_perm=near.num_perm, ngram=near.ngram,
-                                                   seed=near.seed, bands=bands, rows=rows)))
+                                                   seed=near.seed, bands=banding.bands, rows=banding.rows)))
     take_steps = lambda: ray.get(stats.take.remote())  # noqa: E731  (the step sums of one unit)
 
     def ingest_unit(g: int, group: list[str]) -> dict:
@@ -294,7 +294,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     phases = _sum_seconds(records)
     phases["total"] = sum(phases.values())
     report = build_report(files=files, cfg=cfg, ingest=ingest_counts, output=rec["counts"], steps=_merge_steps(records),
-                          graph=graph_stats, phases=phases, lsh=banding.as_dict(), out_dir=out_dir,
+                          graph=graph_stats, phases=phases, lsh=banding.as_dict() if banding else {}, out_dir=out_dir,
                           scores=rec["summary"], toxicity=toxicity.as_report(), profile=rec["profile"],
                           duplicate_samples=duplicate_samples(dup_picks, rec["profile"]["lookup"]))
     report["resume"] = {**run.summary(), "this_run_seconds": round(time.time() - t_start, 3)}

@@ -96,7 +96,13 @@ def _remote_entries(uri: str) -> list[list]:
             for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
                 rel = f.path[len(base):].lstrip("/")
                 if f.is_file and not rel.startswith((".", "_")) and rel.lower().endswith(ext):  # as Ray Data
+                    if f.mtime_ns is None:
+                        raise OSError(f"input {uri}/{rel}: its filesystem ({fs.type_name}) lists no modification "
+                                      "time, so a rewrite of it could not be told on resume")
+                    # no ETag from a listing (one HEAD per object would be); size and mtime (S3: to the second)
                     out.append([f"{uri.rstrip('/')}/{rel}", f.size, f.mtime_ns, None])
+            if not out:
+                raise FileNotFoundError(f"input {uri}: a directory without input files ({', '.join(ALL_EXT)})")
             return sorted(out)
         if info.type != pafs.FileType.File:
             raise FileNotFoundError(f"input {uri}: no such file or directory ({fs.type_name} filesystem)")
@@ -128,7 +134,8 @@ def input_entries(files: list[str]) -> list[list]:
 
 
 def fingerprint(files: list[str], cfg, toxicity_ok: bool = False) -> dict:
-    """What fixes a run's output: the config, the inputs, and whether the Detoxify checkpoint loaded. As it
+    """What fixes a run's output: the config (with the toxicity backend that scores), the inputs, and whether a
+    toxicity backend loaded. As it
     reads back from JSON (tuples become lists), so a fresh one compares equal to a stored one."""
     return json.loads(json.dumps({"config": to_dict(cfg), "inputs": input_entries(files),
                                   "toxicity_available": toxicity_ok}))

@@ -43,8 +43,9 @@ def check_toxicity(cfg) -> ToxicityChoice:
             raise
         log.warning("%s; toxicity is skipped (toxicity.required is false)", e)
         return ToxicityChoice(reason=str(e))
-    log.info("toxicity: the %s backend scores (%s)%s", choice.backend, choice.model,
-             f"; {choice.selection}" if choice.selection else "")
+    fell_back = t.backend == "auto" and choice.backend != "detoxify"  # another model, another threshold: say so
+    log.log(logging.WARNING if fell_back else logging.INFO, "toxicity: the %s backend scores (%s)%s", choice.backend,
+            choice.model, f"; {choice.selection}" if choice.selection else "")
     return choice
 
 
