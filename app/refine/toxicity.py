@@ -131,13 +131,7 @@ class ToxicityScorer:
         """(N, classes) probabilities: the max over each document's chunks (NaN rows for None)."""
         import torch
 
-        seqs, owner = [], []
-        for d, t in enumerate(texts):
-            if t is None:
-                continue
-            for c in self.chunks(t):
-                seqs.append(c)
-                owner.append(d)
+        seqs, owner = gather_chunks(texts, self.chunks)
         out = np.full((len(texts), len(self.classes)), np.nan)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # length buckets: little padding
         pad = self.tok.pad_token_id or 0
@@ -159,6 +153,17 @@ class ToxicityScorer:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return with_toxicity_columns(table, self.classes, self.score(table.column(self.column).to_pylist()))
+
+
+def gather_chunks(texts: list[Optional[str]], chunks) -> tuple[list, list[int]]:
+    """Every chunk of every text (None: none) and the index of the text it came from."""
+    seqs, owner = [], []
+    for d, t in enumerate(texts):
+        if t is not None:
+            for c in chunks(t):
+                seqs.append(c)
+                owner.append(d)
+    return seqs, owner
 
 
 def with_toxicity_columns(table: pa.Table, classes: list[str], probs: np.ndarray) -> pa.Table:
@@ -246,14 +251,7 @@ class ProfanityCheckScorer:
 
     def score(self, texts: list[Optional[str]]) -> np.ndarray:
         """(N, 1) probabilities: the max over each document's chunks (NaN rows for None)."""
-        seqs: list[str] = []
-        owner: list[int] = []
-        for d, t in enumerate(texts):
-            if t is None:
-                continue
-            for c in self.chunks(t):
-                seqs.append(c)
-                owner.append(d)
+        seqs, owner = gather_chunks(texts, self.chunks)
         out = np.full((len(texts), 1), np.nan)
         if seqs:
             probs = self.model.predict_proba(self.vectorizer.transform(seqs))[:, self.positive]  # (chunks,)
