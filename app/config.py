@@ -155,6 +155,9 @@ class NearDedupConfig:
     """Probability that LSH finds a pair at exactly `threshold` Jaccard: the banding is the bands x rows
     (within num_perm) that reaches it with the fewest expected candidates (candidates are verified, a missed
     pair is lost for good). At 0.8 and 128 permutations: 16 bands x 6 rows (0.992)."""
+    all_pairs_max: int = 64
+    """Band buckets with at most this many distinct texts verify every pair of them; bigger ones (boilerplate
+    clusters) a star from the smallest id plus a chain, linear in the bucket. 0: star + chain everywhere."""
     bands: Optional[int] = None
     """LSH bands (null: chosen for min_recall; set with or without `rows`)."""
     rows: Optional[int] = None
@@ -166,6 +169,7 @@ class NearDedupConfig:
         _check(self.ngram >= 1, "dedup.near.ngram", "must be >= 1")
         _check(self.seed >= 0, "dedup.near.seed", "must be >= 0")
         _check(0.0 < self.min_recall < 1.0, "dedup.near.min_recall", f"must be in (0, 1), got {self.min_recall!r}")
+        _check(self.all_pairs_max >= 0, "dedup.near.all_pairs_max", "must be >= 0")
         _check(self.bands is None or self.bands >= 1, "dedup.near.bands", "must be >= 1")
         _check(self.rows is None or self.rows >= 1, "dedup.near.rows", "must be >= 1")
         from app.refine.banding import choose_banding  # numpy only

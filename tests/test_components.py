@@ -53,8 +53,10 @@ def test_bucket_edges_exact_and_near():
     assert e == [{"a": "a", "b": "b", "kind": "exact"}, {"a": "a", "b": "c", "kind": "exact"}]
     # near bucket: exact twins collapse to their smallest id; star + chain edges
     t = pa.table({"key": ["b0:1"] * 5, "id": ["d", "a", "c", "b", "e"], "exact_hash": ["x", "y", "z", "x", "w"]})
-    e = {(r["a"], r["b"]) for r in bucket_edges(t).to_pylist()}
+    e = {(r["a"], r["b"]) for r in bucket_edges(t, all_pairs_max=3).to_pylist()}  # 4 distinct texts: star + chain
     assert e == {("a", "b"), ("a", "c"), ("a", "e"), ("b", "c"), ("c", "e")}
+    e = {(r["a"], r["b"]) for r in bucket_edges(t, all_pairs_max=4).to_pylist()}  # small bucket: every pair
+    assert e == {("a", "b"), ("a", "c"), ("a", "e"), ("b", "c"), ("b", "e"), ("c", "e")}
     assert bucket_edges(t.slice(0, 1)).num_rows == 0
     # copies bucket (exact dedup off): the exact bucket's star, as near candidates
     t = pa.table({"key": ["cx"] * 3, "id": ["c", "a", "b"], "exact_hash": ["x"] * 3})

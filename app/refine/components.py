@@ -401,8 +401,9 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
 
     Writes ``out_dir/duplicates/part-<i>.parquet`` and the labels of part i to ``label_paths(labels_dir, k)[i]``.
     Every input is a file, so a task lost with its node is run again from files (or from the outputs of
-    tasks Ray reconstructs by lineage). A cluster's candidate edges are stars around its smallest id plus chains
-    (``lsh.bucket_edges``), so no id has many smaller neighbours, and no task holds much more than its part's
+    tasks Ray reconstructs by lineage). A big cluster's candidate edges are stars around its smallest id plus
+    chains (``lsh.bucket_edges``; every pair only in buckets of at most ``all_pairs_max`` texts), so no id has
+    many smaller neighbours, and no task holds much more than its part's
     share of a cluster: pairs are verified where their larger id lives, with the anchor's text sent there once
     (``_verify``), and connected components route edges by their larger end (``connected_components``). (A
     node with many *smaller* neighbours would still gather them in one task; the candidate graph has none.)

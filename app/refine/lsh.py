@@ -10,9 +10,13 @@ Flow (see ``pipeline.py``):
                                         document per exact hash, so without it the other copies of a text would
                                         have no edge and be kept when exact dedup is off
                         band bucket  -> members reduced to one per exact hash (the exact representative),
-                                        sorted by id; star edges from the smallest + chain edges between
-                                        neighbours (kind "near"), so one dissimilar anchor that collided by
-                                        chance does not cut similar members apart
+                                        sorted by id; with at most ``all_pairs_max`` of them every pair (a
+                                        bucket of licence variants holds texts similar to some members and
+                                        not to others, and a star + chain can pass a similar pair by);
+                                        bigger buckets (boilerplate clusters): star edges from the smallest +
+                                        chain edges between neighbours (kind "near"), so one dissimilar anchor
+                                        that collided by chance does not cut similar members apart, with
+                                        edges linear in the bucket
     verify            exact Jaccard of a candidate pair's shingle sets (``minhash.shingles``)
 
 The banding (bands x rows) comes from ``banding.choose_banding``.
@@ -23,6 +27,7 @@ Ids are compared as strings everywhere ("smallest id" = lexicographically smalle
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import numpy as np
 import pyarrow as pa
@@ -75,7 +80,11 @@ def bucket_rows(batch: pa.Table, *, exact: bool, near: bool) -> pa.Table:
                      "exact_hash": pa.array(out_hash, pa.string())})
 
 
-def bucket_edges(group: pa.Table) -> pa.Table:
+ALL_PAIRS_MAX = 64
+"""Band buckets with at most this many distinct texts get every pair as a candidate (at most 2,016)."""
+
+
+def bucket_edges(group: pa.Table, all_pairs_max: int = ALL_PAIRS_MAX) -> pa.Table:
     """Edges of one bucket (all rows share ``key``); singletons give none."""
     if group.num_rows < 2:
         return EDGE_SCHEMA.empty_table()
@@ -93,8 +102,10 @@ def bucket_edges(group: pa.Table) -> pa.Table:
                 best[h] = id_
         members = sorted(best.values())
         kind = "near"
-        pairs = {(members[0], m) for m in members[1:]} | set(zip(members[:-1], members[1:]))
-        pairs_sorted = sorted(pairs)
+        if len(members) <= all_pairs_max:
+            pairs_sorted = list(itertools.combinations(members, 2))  # sorted members: sorted pairs, a < b
+        else:
+            pairs_sorted = sorted({(members[0], m) for m in members[1:]} | set(zip(members[:-1], members[1:])))
         a = [p[0] for p in pairs_sorted]
         b = [p[1] for p in pairs_sorted]
     return pa.table({"a": pa.array(a, pa.string()), "b": pa.array(b, pa.string()),

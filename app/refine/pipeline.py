@@ -228,7 +228,8 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
         (read_work(parquet_files(work_docs), cols, cfg.io.batch_size)
          .map_batches(functools.partial(bucket_rows, exact=exact.enabled, near=near.enabled),
                       batch_format="pyarrow", batch_size=None)
-         .groupby("key", num_partitions=k).map_groups(bucket_edges, batch_format="pyarrow")
+         .groupby("key", num_partitions=k).map_groups(functools.partial(bucket_edges, all_pairs_max=near.all_pairs_max),
+                                                       batch_format="pyarrow")
          .write_datasink(FilesSink(edges_dir)))
         t1 = time.time()
         gstats = dedup_graph(parquet_files(edges_dir), work_docs=work_docs, out_dir=out_dir, labels_dir=labels_dir,
