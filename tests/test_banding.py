@@ -1,6 +1,5 @@
 """Recall-first LSH banding: the chooser's guarantee and optimality, and recall on pairs planted at 0.80-0.85."""
 
-import json
 import os
 
 import numpy as np
@@ -92,16 +91,15 @@ def test_pipeline_recall_and_precision_on_planted_pairs(ray_local, real_texts, t
     """End to end (buckets, verification, components): every planted pair found is right, >= 99% are found."""
     from app.refine.pipeline import run_refine
     from tests.corpus import predicted_pairs
+    from tests.conftest import write_jsonl
     from tests.test_refine import read_dir
 
     docs, pairs = planted_pairs(real_texts, 200, seed=2)
-    with open(tmp_path / "planted.jsonl", "w") as f:
-        for k, v in docs.items():
-            f.write(json.dumps({"id": k, "text": v}) + "\n")
+    path = write_jsonl(str(tmp_path / "planted.jsonl"), [{"id": k, "text": v} for k, v in docs.items()])
     cfg = load_config(RefineConfig, None, ["heuristics.enabled=false", "perplexity.enabled=false",
                                            "toxicity.enabled=false", "dedup.num_partitions=2"])
     out = str(tmp_path / "out")
-    rep = run_refine([str(tmp_path / "planted.jsonl")], out, cfg)
+    rep = run_refine([path], out, cfg)
     pred = predicted_pairs(read_dir(os.path.join(out, "duplicates")))
     truth = set(pairs)  # the bases are unrelated (random 5-grams): the planted pairs are all the true pairs
     assert pred <= truth  # precision 1.0

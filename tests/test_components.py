@@ -110,12 +110,12 @@ def test_split_edges_sends_a_representative_row_once(ray_local, tmp_path):
 def test_a_giant_cluster_end_to_end(ray_local, real_texts, tmp_path):
     """One cluster of 120 edited copies among 120 unrelated documents, 4 graph parts: one cluster, labelled to
     its smallest id, and no verification or components task held the bulk of it."""
-    import json
     import os
     import random
 
     from app.config import RefineConfig, load_config
     from app.refine.pipeline import run_refine
+    from tests.conftest import write_jsonl
     from tests.test_refine import read_dir
 
     rnd = random.Random(5)
@@ -128,12 +128,10 @@ def test_a_giant_cluster_end_to_end(ray_local, real_texts, tmp_path):
             w[j] = f"g{i}x{j}"
         docs[f"copy-{i:04d}"] = " ".join(w)
         docs[f"other-{i:04d}"] = " ".join(rnd.choice(pool) for _ in range(300))
-    with open(tmp_path / "in.jsonl", "w") as f:
-        for k, v in docs.items():
-            f.write(json.dumps({"id": k, "text": v}) + "\n")
+    path = write_jsonl(str(tmp_path / "in.jsonl"), [{"id": k, "text": v} for k, v in docs.items()])
     cfg = load_config(RefineConfig, None, ["heuristics.enabled=false", "perplexity.enabled=false",
                                            "toxicity.enabled=false", "dedup.num_partitions=4"])
-    rep = run_refine([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg)
+    rep = run_refine([path], str(tmp_path / "out"), cfg)
     dup = read_dir(os.path.join(tmp_path, "out", "duplicates"))
     assert {r["id"] for r in dup} == {k for k in docs if k.startswith("copy")}
     assert {r["representative_id"] for r in dup} == {"copy-0000"}

@@ -122,17 +122,17 @@ def _read_texts(files: list[str], ids) -> dict[str, str]:
 
 
 def _route_pairs(df: pd.DataFrame, k: int) -> list[pd.DataFrame]:
-    """Pairs (a, b) -> k pieces of pairs by part(b), then k pieces of text requests (a, dest=part(b)) by part(a),
+    """Pairs (a, b) -> k pieces of pairs by part(b), then k pieces of requests (a, dest=part(b)) by part(a),
     one request per distinct (a, dest): an anchor with a million pairs asks for its text at most k times."""
     if not len(df):
         return _split_df(df, "b", k, ["a", "b"]) + _split_df(df, "a", k, ["a", "dest"])
     dest = partition_of(df["b"].tolist(), k)
     by_b = [df[dest == i].reset_index(drop=True) for i in range(k)]
-    return by_b + _text_requests(df["a"].values, dest, k)
+    return by_b + _requests(df["a"].values, dest, k)
 
 
-def _text_requests(a, dest, k: int) -> list[pd.DataFrame]:
-    """Distinct (a, dest) -> k pieces by part(a)."""
+def _requests(a, dest, k: int) -> list[pd.DataFrame]:
+    """Distinct (a, dest) -> k pieces by part(a): what part ``dest`` asks of a's part (a's text, or m(a))."""
     req = pd.DataFrame({"a": a, "dest": dest}).drop_duplicates().reset_index(drop=True)
     return _split_df(req, "a", k, ["a", "dest"])
 
@@ -171,11 +171,11 @@ def _serve_texts(files: list[str], k: int, *pieces):
 @ray.remote(num_returns=2)
 def _similarities(files: list[str], ngram: int, min_sim: Optional[float], n_pairs: int, *pieces):
     """Pairs (a, b) with b in this part (the first ``n_pairs`` pieces) and the texts of their a's (the rest) ->
-    (a, b, similarity), keeping pairs with similarity >= min_sim; and the number of distinct pairs."""
+    (a, b, similarity), keeping pairs with similarity >= min_sim; and (distinct pairs, pairs kept)."""
     df = _concat(pieces[:n_pairs])
     if not len(df):
         return pd.DataFrame({"a": pd.Series([], dtype=object), "b": pd.Series([], dtype=object),
-                             "similarity": pd.Series([], dtype=float)}), 0
+                             "similarity": pd.Series([], dtype=float)}), (0, 0)
     df = df.drop_duplicates(["a", "b"]).reset_index(drop=True)
     served = _concat(pieces[n_pairs:])
     text_a = dict(zip(served["a"], served["text_a"])) if len(served) else {}
@@ -191,13 +191,13 @@ def _similarities(files: list[str], ngram: int, min_sim: Optional[float], n_pair
     out = pd.DataFrame({"a": df["a"].values, "b": df["b"].values, "similarity": np.asarray(sims, dtype=float)})
     if min_sim is not None:
         out = out[out["similarity"] >= min_sim - 1e-12].reset_index(drop=True)
-    return out, len(df)
+    return out, (len(df), len(out))
 
 
 def _verify(files: list[list[str]], pairs: list[list], requests: list[list], k: int, ngram: int,
             min_sim: Optional[float]) -> tuple[list, list]:
     """Pair pieces by part(b) and text requests by part(a) (``_route_pairs``) -> per part(b): (similarity frames,
-    distinct pair counts). Texts travel once per (id, part) asking for it: a hub's text is read once."""
+    (distinct pairs, pairs kept) counts). Texts travel once per (id, part) asking for it: a hub's text is read once."""
     served = _as_lists([_serve_texts.options(num_returns=k).remote(files[i], k, *requests[i]) for i in range(k)], k)
     out = [_similarities.remote(files[j], ngram, min_sim, len(pairs[j]), *pairs[j], *served[j]) for j in range(k)]
     return [o[0] for o in out], [o[1] for o in out]
@@ -205,59 +205,48 @@ def _verify(files: list[list[str]], pairs: list[list], requests: list[list], k: 
 
 @ray.remote
 def _by_larger(df: pd.DataFrame, k: int):
-    """Undirected edges -> k pieces of rows (s, l), s < l, by part(l); then k pieces of requests (u=s, dest=part(l))
-    by part(s), one per distinct (s, dest)."""
-    if len(df):
-        a, b = df["a"].values, df["b"].values
-        lt = a < b
-        rows = pd.DataFrame({"s": np.where(lt, a, b), "l": np.where(lt, b, a)})
-        rows = rows[rows["s"] != rows["l"]].drop_duplicates().reset_index(drop=True)
-    else:
-        rows = pd.DataFrame({"s": pd.Series([], dtype=object), "l": pd.Series([], dtype=object)})
-    if not len(rows):
-        return tuple(_split_df(rows, "l", k, ["s", "l"]) + _split_df(rows, "u", k, ["u", "dest"]))
-    dest = partition_of(rows["l"].tolist(), k)
-    req = pd.DataFrame({"u": rows["s"].values, "dest": dest}).drop_duplicates().reset_index(drop=True)
-    return tuple([rows[dest == i].reset_index(drop=True) for i in range(k)] + _split_df(req, "u", k, ["u", "dest"]))
+    """Undirected edges -> k pieces of rows (a, b), a < b, by part(b) (the larger end); then k pieces of requests
+    for m(a) (a, dest=part(b)) by part(a), one per distinct (a, dest) (``_route_pairs``)."""
+    return tuple(_route_pairs(_edges_out(df["a"].values, df["b"].values) if len(df) else _edges_out([], []), k))
 
 
 @ray.remote
 def _star_min(k: int, n_rows: int, *pieces):
-    """Rows (s, l) with l in this part (the first ``n_rows`` pieces) and requests (u, dest) for u in this part ->
-    per dest: (u, m) with m(u) = min(u and its neighbours) = its smallest smaller neighbour, or u without one."""
+    """Rows (a, b) with b in this part (the first ``n_rows`` pieces) and requests (a, dest) for ids in this part
+    -> per dest: (u, m) with m(u) = min(u and its neighbours) = its smallest smaller neighbour, or u without one."""
     rows = _concat(pieces[:n_rows])
     req = _concat(pieces[n_rows:])
     if not len(req):
         return _ret(_split_df(req, "dest", k, ["u", "m"]))
     req = req.drop_duplicates().reset_index(drop=True)
-    smallest = rows.groupby("l")["s"].min() if len(rows) else pd.Series([], dtype=object)
-    m = req["u"].map(smallest)
-    m = m.where(m.notna(), req["u"])
-    out = pd.DataFrame({"u": req["u"].values, "m": m.values})
+    smallest = rows.groupby("b")["a"].min() if len(rows) else pd.Series([], dtype=object)
+    m = req["a"].map(smallest)
+    m = m.where(m.notna(), req["a"])
+    out = pd.DataFrame({"u": req["a"].values, "m": m.values})
     dest = req["dest"].values
     return _ret([out[dest == i].drop_duplicates("u").reset_index(drop=True) for i in range(k)])
 
 
 @ray.remote(num_returns=2)
 def _large_star(n_rows: int, *pieces):
-    """Large-Star for the rows (s, l), l in this part, given m(s) for every s among them: connect every larger
-    neighbour l of s to m(s) = min(s and its neighbours) (a larger neighbour cannot be that minimum, so m(s) is
-    s's smallest smaller neighbour, found where s is the larger end: ``_star_min``). A hub - the smallest id of
-    a big cluster, the larger end of none of its edges - never has its edges in one task.
+    """Large-Star for the rows (a, b), a < b, b in this part, given m(a) for every a among them: connect every
+    larger neighbour b of a to m(a) = min(a and its neighbours) (a larger neighbour cannot be that minimum, so
+    m(a) is a's smallest smaller neighbour, found where a is the larger end: ``_star_min``). A hub - the smallest
+    id of a big cluster, the larger end of none of its edges - never has its edges in one task.
 
-    Changes the graph iff some s with a larger neighbour has a smaller one. The output edges (m(s), l) have
-    their larger end l in this part, so Small-Star takes them as they are. Returns the edges and (changed,
+    Changes the graph iff some a with a larger neighbour has a smaller one. The output edges (m(a), b) have
+    their larger end b in this part, so Small-Star takes them as they are. Returns the edges and (changed,
     rows held).
     """
     rows = _concat(pieces[:n_rows])
     if not len(rows):
         return _edges_out([], []), (False, 0)
     answers = _concat(pieces[n_rows:])
-    m = rows["s"].map(dict(zip(answers["u"], answers["m"])))
-    if m.isna().any():  # pragma: no cover - every s is asked for
-        raise RuntimeError(f"large-star: {int(m.isna().sum())} rows without m(s)")
-    changed = bool((m.values != rows["s"].values).any())
-    return _edges_out(rows["l"].values, m.values), (changed, len(rows))
+    m = rows["a"].map(dict(zip(answers["u"], answers["m"])))
+    if m.isna().any():  # pragma: no cover - every a is asked for
+        raise RuntimeError(f"large-star: {int(m.isna().sum())} rows without m(a)")
+    changed = bool((m.values != rows["a"].values).any())
+    return _edges_out(rows["b"].values, m.values), (changed, len(rows))
 
 
 @ray.remote(num_returns=2)
@@ -312,7 +301,7 @@ def _root_pairs(k: int, i: int, *pieces):
         d = pd.DataFrame({"a": d["root"].values, "b": d["node"].values})
     else:
         d = pd.DataFrame({"a": pd.Series([], dtype=object), "b": pd.Series([], dtype=object)})
-    return tuple([d] + _text_requests(d["a"].values, np.full(len(d), i, dtype=np.int64), k))
+    return tuple([d] + _requests(d["a"].values, np.full(len(d), i, dtype=np.int64), k))
 
 
 @ray.remote
@@ -369,7 +358,7 @@ def connected_components(edges: list, k: int, max_rounds: int, held: Optional[li
     nodes is spread over the k parts like any other edges (Large-Star and Small-Star only ever make stars
     around smaller ids; a node with many smaller neighbours in the input would gather those, which the
     candidate graph of ``lsh.bucket_edges`` does not have). One round: one shuffle of rows and of requests for
-    m(s) (distinct per map task), one of the answers, and Small-Star on Large-Star's output where it is.
+    m(a) (distinct per map task), one of the answers, and Small-Star on Large-Star's output where it is.
     """
     for rnd in range(1, max_rounds + 1):
         split = [_by_larger.options(num_returns=2 * k).remote(e, k) for e in edges]
@@ -417,9 +406,9 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
 
     # Verification: exact Jaccard of every candidate pair (or just its similarity when verify is off).
     verified, counts = _verify(files, pairs, requests, k, ngram, threshold if verify else None)
-    pair_counts = ray.get(counts)
-    n_candidates = sum(pair_counts)
-    n_verified = sum(ray.get([_count.remote(v) for v in verified]))
+    counts = ray.get(counts)
+    pair_counts = [n for n, _ in counts]
+    n_candidates, n_verified = sum(pair_counts), sum(kept for _, kept in counts)
     log.info("dedup graph: %d candidate pairs, %d verified near edges (%.1fs)", n_candidates, n_verified, time.time() - t0)
     t0 = time.time()
 
@@ -442,11 +431,6 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
              # skew: the most candidate pairs one verification task held, the most edges one CC task held
              "max_task_pairs": max(pair_counts, default=0), "max_task_cc_rows": max(held, default=0)}
     return stats
-
-
-@ray.remote
-def _count(df: pd.DataFrame) -> int:
-    return len(df)
 
 
 @ray.remote

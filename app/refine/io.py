@@ -27,6 +27,7 @@ JSONL_EXT = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz"
 PARQUET_EXT = (".parquet", ".pq")
 TEXT_EXT = (".txt", ".md", ".rst", ".text")
 ALL_EXT = [e.lstrip(".") for e in JSONL_EXT + PARQUET_EXT + TEXT_EXT]
+INPUT_SUFFIXES = tuple("." + e for e in ALL_EXT)  # what a directory's input files end with (case-insensitive)
 
 RAW_SCHEMA = pa.schema(
     [
@@ -261,7 +262,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         for m in matches:
             if os.path.isdir(m):
                 for root, _, names in os.walk(m):
-                    files.extend(os.path.join(root, n) for n in names if n.lower().endswith(tuple("." + e for e in ALL_EXT)))
+                    files.extend(os.path.join(root, n) for n in names if n.lower().endswith(INPUT_SUFFIXES))
             elif os.path.exists(m):
                 file_format(m)
                 files.append(os.path.abspath(m))

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
 from app.config import to_dict
-from app.refine.io import ALL_EXT, fsync_path
+from app.refine.io import ALL_EXT, INPUT_SUFFIXES, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,11 @@ def _remote_entries(uri: str) -> list[list]:
         fs, path = _filesystem(uri)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
-            ext = tuple("." + e for e in ALL_EXT)
             base = path.rstrip("/")
             out = []
             for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
                 rel = f.path[len(base):].lstrip("/")
-                if f.is_file and not rel.startswith((".", "_")) and rel.lower().endswith(ext):  # as Ray Data
+                if f.is_file and not rel.startswith((".", "_")) and rel.lower().endswith(INPUT_SUFFIXES):  # as Ray Data
                     if f.mtime_ns is None:
                         raise OSError(f"input {uri}/{rel}: its filesystem ({fs.type_name}) lists no modification "
                                       "time, so a rewrite of it could not be told on resume")
