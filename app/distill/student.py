@@ -17,9 +17,9 @@ transformers runs them on their kernels (its torch path otherwise).
 
 Generation with a cache: transformers 5.24 cannot generate from a Bamba model with *no* attention layer (its
 causal-mask code asks the cache for its length, which only attention layers track). ``generation_cache(model)``
-returns the cache to pass (``model.generate(..., cache=generation_cache(model))``); for such a model it is a
-``DynamicCache`` that counts the tokens itself (``app/distill/recurrent.py``). Students without attention are
-saved with ``use_cache: false`` so that a plain forward does not build the default cache either, and with
+returns the cache to pass (``model.generate(..., cache=generation_cache(model))``, from ``app/caches.py``); for
+such a model it is a ``DynamicCache`` that counts the tokens itself (``app/recurrent.py``). Students without attention
+are saved with ``use_cache: false`` so that a plain forward does not build the default cache either, and with
 ``use_cache: true`` in their generation config, so that ``generate`` feeds one token per step.
 """
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional, Sequence, Union
 
+from app.caches import generation_cache  # noqa: F401 - it lives in app/caches.py (serving uses it too)
 from app.distill.init import copy_mismatch, mixer_from_attention, teacher_dims
 
 log = logging.getLogger(__name__)
@@ -290,14 +291,3 @@ def ssm_mixers(student) -> dict:
 def has_attention(model) -> bool:
     cfg = model.config
     return bool(getattr(cfg, "attn_layer_indices", None)) if cfg.model_type == "bamba" else cfg.model_type != "mamba2"
-
-
-def generation_cache(model):
-    """The cache to pass to ``model.generate(..., cache=...)`` (or a forward with use_cache): a fresh
-    ``RecurrentCache`` for a Bamba model without attention layers (see the module doc); None (generate makes its
-    own default) for every other model."""
-    if model.config.model_type == "bamba" and not has_attention(model):
-        from app.distill.recurrent import RecurrentCache
-
-        return RecurrentCache(config=model.config)
-    return None

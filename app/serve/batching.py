@@ -41,7 +41,7 @@ def new_cache(model: Any) -> Any:
     """An empty cache of the model's own kind (``generation_cache``: the 0-attention hybrid's; else DynamicCache)."""
     from transformers import DynamicCache
 
-    from app.distill.student import generation_cache
+    from app.caches import generation_cache
 
     return generation_cache(model) or DynamicCache(config=model.config)
 

@@ -8,7 +8,7 @@ scheduler (``app.serve.scheduler``) drives them from its own decode loop; the st
 once: the prompts are prefilled in one forward, and every later step feeds one token per row with the cache
 (Mamba-2: the recurrent SSM state and the conv window, so a step costs O(1) in the sequence length; attention
 models: the KV cache; hybrid students, both; a hybrid student with no attention layer gets the cache
-``app.distill.student.generation_cache`` makes, which transformers cannot make for it). Left padding is exact for
+``app.caches.generation_cache`` makes, which transformers cannot make for it). Left padding is exact for
 Mamba-2 mixers: the padded positions are zeroed before the input projection and after the convolution, so they
 leave the state at zero.
 
@@ -345,7 +345,7 @@ class Engine:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        from app.distill.student import generation_cache
+        from app.caches import generation_cache
 
         if not rows:
             return rows

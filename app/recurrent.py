@@ -7,8 +7,8 @@ transformers asks every forward's mask sizes exactly once, before the layers run
 (``get_mask_sizes``); the decode path updates the SSM and conv states in place, so this is the one call that sees
 every forward. Written by hand (a subclass, not a fork): nothing in transformers covers this case.
 
-Imported only when such a cache is made (``app.distill.student.generation_cache``): importing it imports
-transformers.
+Imported only when such a cache is made (``app.caches.generation_cache``): importing it imports transformers.
+Serving and distillation both use it, so it lives outside either package.
 """
 
 from __future__ import annotations
