@@ -32,7 +32,7 @@ static scheduler (``batch.scheduler: static``) serves those models.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from app.serve.generate import Row
 
@@ -161,6 +161,42 @@ def prefill(model: Any, rows: list[Row], pad_id: int, attention: bool) -> tuple[
     batch = Batch(rows=list(rows), cache=cache, last=torch.zeros(len(rows), dtype=torch.long, device=device),
                   positions=lengths, kinds=_kinds(cache), mask=mask if attention else None)
     return batch, out.logits[:, -1].float()
+
+
+class CacheCost(NamedTuple):
+    """The bytes one row of a batch holds in the cache: ``fixed`` (SSM and conv states) + ``per_token`` x the
+    batch's KV length (attention layers' keys and values)."""
+
+    fixed: int
+    per_token: int
+
+
+def cache_bytes(cache: Any) -> int:
+    """The bytes a cache's tensors hold now."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            total += t.nbytes if t is not None and hasattr(t, "nbytes") else 0
+        for name in ("conv_states", "recurrent_states"):  # {state index: tensor or None}
+            states = getattr(layer, name, None) or {}
+            for t in states.values() if isinstance(states, dict) else states:
+                total += t.nbytes if t is not None and hasattr(t, "nbytes") else 0
+    return total
+
+
+def measure_cache_cost(model: Any, pad_id: int, attention: bool) -> CacheCost:
+    """``CacheCost`` measured on the model itself: the caches of one row of 1 and of 2 tokens (two tiny
+    forwards), in the model's own dtype and layer kinds."""
+    import torch
+
+    from app.serve.generate import SamplingParams
+
+    with torch.inference_mode():
+        one, two = (cache_bytes(prefill(model, [Row([pad_id] * n, SamplingParams())], pad_id, attention)[0].cache)
+                    for n in (1, 2))
+    per_token = max(two - one, 0)
+    return CacheCost(max(one - per_token, 0), per_token)
 
 
 def decode(model: Any, batch: Batch) -> Any:
