@@ -256,6 +256,12 @@ class Replica:
         """Requests waiting for a place (continuous) or for a batch (static)."""
         return self.scheduler.waiting if self.scheduler else self._static["waiting"]
 
+    def check_health(self) -> None:
+        """Serve's health check: fails when the continuous scheduler's decode loop has stopped, so that Serve
+        replaces this replica."""
+        if self.scheduler is not None:
+            self.scheduler.check_health()
+
     # -- routes
 
     @api.get("/health")
