@@ -55,7 +55,8 @@ class SamplingParams:
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
     stop: tuple[str, ...] = ()
-    """Strings that end the row; the text returned stops before the first one (finish_reason "stop")."""
+    """Strings that end the row; the text returned stops before the first one (finish_reason "stop"). A special
+    token's text (``"<|im_end|>"``) matches too: the text keeps the special tokens a stop string names."""
     seed: Optional[int] = None
     """Seed of the row's own generator, taken modulo 2**63 (None: drawn from os.urandom)."""
     ignore_eos: bool = False
@@ -87,6 +88,7 @@ class Row:
     # the row's own generator (``start_rows``); incremental detokenization (offsets into prompt_ids + token_ids)
     # and the text not yet released
     _gen: Any = None
+    _keep: Any = None  # the special token ids this row's stop strings name (``RowStopper._kept``)
     _prefix: int = 0
     _read: int = 0
     _pending: str = ""
@@ -213,6 +215,7 @@ class RowStopper:
 
     def __init__(self, rows: list[Row], tokenizer: Any, eos_ids: set[int]):
         self.rows, self.tok, self.eos = rows, tokenizer, eos_ids
+        self._special: Optional[dict[int, str]] = None
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # (B, T) -> (B,) bool
         import torch
@@ -228,8 +231,31 @@ class RowStopper:
             done.append(r.done)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def special_tokens(self) -> dict[int, str]:
+        """The tokenizer's special tokens, id -> text (its special ids and every added token marked special)."""
+        if self._special is None:
+            ids = set(getattr(self.tok, "all_special_ids", None) or [])
+            for i, t in (getattr(self.tok, "added_tokens_decoder", None) or {}).items():
+                if getattr(t, "special", False):
+                    ids.add(int(i))
+            self._special = {i: str(self.tok.convert_ids_to_tokens(i)) for i in ids}
+        return self._special
+
+    def _kept(self, r: Row) -> frozenset:
+        """The special tokens that appear in one of ``r``'s stop strings (``"<|im_end|>"``): the row's text keeps
+        them, so that the stop string matches (and the text is cut before it); every other special token is
+        skipped, as vLLM's default ``skip_special_tokens`` does."""
+        if r._keep is None:
+            r._keep = frozenset(i for i, text in self.special_tokens().items()
+                                if text and any(text in s for s in r.params.stop)) if r.params.stop else frozenset()
+        return r._keep
+
+    def _decode(self, r: Row, ids: list[int]) -> str:
+        keep = self._kept(r)
+        if not keep:
+            return self.tok.decode(ids, skip_special_tokens=True)
+        special = self.special_tokens()
+        return self.tok.decode([t for t in ids if t in keep or t not in special], skip_special_tokens=False)
 
     def step(self, r: Row, token: int) -> None:
         """Append ``token`` to ``r``, release the text it completes, and end the row where it should end."""
@@ -243,8 +269,8 @@ class RowStopper:
             self.finish(r, "stop")
             return
         ids = r.prompt_ids + r.token_ids
-        before = self._decode(ids[r._prefix:r._read])
-        now = self._decode(ids[r._prefix:])
+        before = self._decode(r, ids[r._prefix:r._read])
+        now = self._decode(r, ids[r._prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd"):  # else: wait for the rest of a UTF-8 character
             r._pending += now[len(before):]
             r._prefix, r._read = r._read, len(ids)
@@ -286,8 +312,8 @@ class RowStopper:
     def finish(self, r: Row, reason: str, flush: bool = True) -> None:
         """End the row; ``flush``: first release every token still undecoded (a split UTF-8 character included)."""
         if flush:
-            ids = r.prompt_ids + r.token_ids  # EOS is a special token: decoding skips it
-            r._pending += self._decode(ids[r._prefix:])[len(self._decode(ids[r._prefix:r._read])):]
+            ids = r.prompt_ids + r.token_ids  # EOS is a special token: decoding skips it (unless a stop string has it)
+            r._pending += self._decode(r, ids[r._prefix:])[len(self._decode(r, ids[r._prefix:r._read])):]
             r._prefix = r._read = len(ids)
             if self._cut_at_stop(r):
                 reason = "stop"

@@ -165,6 +165,19 @@ def schedule(waiting: Iterable[Request], running: Sequence[Request], limits: Lim
     return Plan(cancel, admit)
 
 
+def admit(plan: Plan, waiting: deque, running: list) -> None:
+    """Record ``plan``'s admissions: each admitted request is RUNNING, in ``running``, and leaves ``waiting`` once
+    every row of it has been admitted."""
+    for a in plan.admit:
+        q = a.request
+        q.admitted += len(a.rows)
+        q.status = Status.RUNNING
+        if q not in running:
+            running.append(q)
+        if not q.unadmitted:
+            waiting.remove(q)
+
+
 def _resolve(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -395,15 +408,13 @@ class ContinuousScheduler:
                 self._cv.wait()
             if self._closed:
                 return None
-            plan = schedule(self._waiting, self._running, self.limits)
-            for a in plan.admit:
-                q = a.request
-                q.admitted += len(a.rows)
-                q.status = Status.RUNNING
-                if q not in self._running:
-                    self._running.append(q)
-                if not q.unadmitted:
-                    self._waiting.remove(q)
+            try:
+                plan = schedule(self._waiting, self._running, self.limits)
+            except Exception as e:  # no plan can be made: nothing held can go on (one bad request, or a bug)
+                log.exception("scheduling failed; every request held ends with an error")
+                self._finish_all(e, waiting=True)
+                raise
+            admit(plan, self._waiting, self._running)
             return plan
 
     def _execute(self, plan: Plan) -> None:
