@@ -69,6 +69,9 @@ def build(root: str, real_texts: list[str], n_base: int = 40, seed: int = 0) -> 
     docs["aa-exact-copy"] = "  " + base[35].replace(" ", "\n ", 3) + "\n"
     docs["zz-exact-copy"] = base[35]
     exact_groups = [sorted(["aa-exact-copy", "zz-exact-copy", "base-035"])]
+    # an exact copy of a near duplicate: its exact group's representative (near-000) is itself dropped, and the
+    # family's kept document is base-000
+    docs["near-000-copy"] = docs["near-000"].replace(" ", "  ", 5)
 
     ids = sorted(i for i in docs if i != "aa-exact-copy")
     rnd.shuffle(ids)
@@ -91,7 +94,8 @@ def build(root: str, real_texts: list[str], n_base: int = 40, seed: int = 0) -> 
     with open(os.path.join(root, "s3.txt"), "wb") as f:
         f.write(b"\xff\xfe a text file that is not utf-8")
     n_bad = len(BAD_LINES) + 1 + 1 + 1  # bad lines, parquet null, oversized, bad text file
-    return {"docs": docs, "n_bad": n_bad, "exact_groups": exact_groups, "max_doc_bytes": len(big.encode()) - 100}
+    return {"docs": docs, "n_bad": n_bad, "exact_groups": exact_groups, "max_doc_bytes": len(big.encode()) - 100,
+            "copy_of_near": ("near-000-copy", "near-000", "base-000")}
 
 
 def true_pairs(docs: dict[str, str], threshold: float, ngram: int = 5) -> set[tuple[str, str]]:

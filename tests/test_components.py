@@ -100,11 +100,14 @@ def test_split_edges_sends_a_representative_row_once(ray_local, tmp_path):
     pq.write_table(pa.table({"a": ["a"] * m + ["x"] * 3, "b": [f"b{i:04d}" for i in range(m)] + ["y"] * 3,
                              "kind": ["exact"] * m + ["near"] * 3}), tmp_path / "e.parquet")
     k = 2
-    out = ray_local.get(_split_edges.options(num_returns=3 * k).remote(str(tmp_path / "e.parquet"), k))
-    pairs, requests, exact = out[:k], out[k:2 * k], out[2 * k:]
+    out = ray_local.get(_split_edges.options(num_returns=4 * k).remote(str(tmp_path / "e.parquet"), k))
+    pairs, requests, exact, families = out[:k], out[k:2 * k], out[2 * k:3 * k], out[3 * k:]
     rows = pd.concat(exact)
     assert len(rows) == m + 1 and (rows["id"] == "a").sum() == 1  # each duplicate once, the representative once
     assert sum(map(len, pairs)) == 1 and sum(map(len, requests)) == 1  # the pair from 3 band buckets: once
+    # the copies' parts ask a's part for a's family once each, not once per copy
+    fam = pd.concat(families)
+    assert sorted(fam["dest"]) == list(range(k)) and set(fam["a"]) == {"a"} and len(families[0]) == len(fam)
 
 
 def test_a_giant_cluster_end_to_end(ray_local, real_texts, tmp_path):

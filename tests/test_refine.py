@@ -24,7 +24,7 @@ def read_dir(path, columns=None):
 def canonical(out):
     """Everything a run produces, order-free, for run-to-run comparison."""
     drop = lambda rows: sorted((r["id"], r.get("drop_reason"), tuple(r.get("drop_reasons") or ()), r.get("duplicate_of"),  # noqa: E731
-                                r.get("near_similarity")) for r in rows)
+                                r.get("near_similarity"), r.get("representative_id"), r.get("cluster_id")) for r in rows)
     rep = json.load(open(os.path.join(out, "report.json")))
     return {
         "kept": drop(read_dir(os.path.join(out, "kept"))),
@@ -155,6 +155,23 @@ def test_transitive_chain_is_one_cluster_with_the_smallest_representative(corpus
     dropped = {r["id"]: r for r in read_dir(os.path.join(out, "dropped"))}
     assert dropped["chain-3"]["drop_reasons"][0] == "near_duplicate"
     assert "near_duplicate" not in (dropped.get("chain-1", {}).get("drop_reasons") or [])
+
+
+def test_every_duplicate_names_the_kept_document_of_its_family(corpus, run1):
+    """Issue 31, section 2: on the real-text corpus, every duplicates/ row and every document dropped as a duplicate
+    names its family's kept document as representative_id, one cluster_id per family (``assert_families_closed``);
+    the exact copy of a near duplicate is matched against that near duplicate and represented by the kept one."""
+    from tests.test_families import assert_families_closed
+
+    out, _ = run1
+    rows = assert_families_closed(out)
+    copy, near, kept = corpus["copy_of_near"]
+    assert (rows[copy]["drop_reason"], rows[copy]["duplicate_of"], rows[copy]["representative_id"]) == (
+        "exact_duplicate", near, kept)
+    assert (rows[near]["drop_reason"], rows[near]["duplicate_of"], rows[near]["representative_id"]) == (
+        "near_duplicate", kept, kept)
+    assert rows[copy]["cluster_id"] == rows[near]["cluster_id"] == rows[kept]["cluster_id"] == f"near:{kept}"
+    assert not {"exact_duplicate", "near_duplicate"} & set(rows[kept].get("drop_reasons") or ())  # heuristics may drop it
 
 
 @pytest.mark.parametrize("exact,near", [(True, True), (False, True), (True, False), (False, False)])

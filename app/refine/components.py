@@ -12,6 +12,15 @@ components route every edge by its larger end (``_by_larger``); a representative
 sent once per edge file. Requests are deduplicated per map task, so the hub's part receives at most
 (map tasks x K) requests, whatever the cluster's size.
 
+Families: near candidates link exact representatives only (``lsh.bucket_edges``), so a family - a connected
+component of exact and near links - is the near component of its exact representatives plus their copies. Its
+kept document is its smallest id, the root of that near component (or the exact representative when no near
+link reaches it). An exact copy lives in its own part and its exact representative's root in the
+representative's part: each part asks the representative's part for it (``_families``, one request per
+(representative, part) and map task, as for texts), so a giant exact group is never gathered either. Every
+member gets one ``duplicates/`` row naming that kept document and the family's one ``cluster_id``
+(``family_rows``); ``duplicate_of`` stays the document it was matched against.
+
 Connected components: alternating Large-Star / Small-Star (Kiveris et al., "Connected Components in
 MapReduce and Beyond", SoCC 2014), which converges in O(log n) rounds. Large-Star needs, for each node u,
 m(u) = min(u, its neighbours): since a larger neighbour cannot be that minimum, m(u) is u's smallest smaller
@@ -43,9 +52,10 @@ from app.refine.minhash import jaccard, shingles
 log = logging.getLogger(__name__)
 
 DUP_SCHEMA = pa.schema([("id", pa.string()), ("cluster_id", pa.string()), ("representative_id", pa.string()),
-                        ("kind", pa.string()), ("similarity", pa.float64())])
+                        ("duplicate_of", pa.string()), ("kind", pa.string()), ("similarity", pa.float64())])
 LABEL_SCHEMA = pa.schema([("id", pa.string()), ("exact_of", pa.string()), ("near_of", pa.string()),
-                          ("near_similarity", pa.float64())])
+                          ("near_similarity", pa.float64()), ("representative_id", pa.string()),
+                          ("cluster_id", pa.string())])
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -140,16 +150,19 @@ def _requests(a, dest, k: int) -> list[pd.DataFrame]:
 @ray.remote
 def _split_edges(path: str, k: int):
     """One file of candidate edges -> near pairs by part(b) and their text requests by part(a) (``_route_pairs``);
-    exact edges as duplicate rows by part(id), a representative's own row once per file."""
+    exact edges as rows (id, exact_of) by part(id), a representative's own row (exact_of = id) once per file; and
+    the family requests (a = exact_of, dest = part(id)) of the copies by part(a), one per distinct (a, dest)."""
     df = pq.read_table(path).to_pandas()
     near = df.loc[df["kind"] == "near", ["a", "b"]].drop_duplicates()  # one pair from several band buckets, once
     ex = df[df["kind"] == "exact"]
     reps = ex["a"].drop_duplicates()
     rows = pd.concat([
-        pd.DataFrame({"id": ex["b"], "representative_id": ex["a"]}),
-        pd.DataFrame({"id": reps, "representative_id": reps}),
+        pd.DataFrame({"id": ex["b"], "exact_of": ex["a"]}),
+        pd.DataFrame({"id": reps, "exact_of": reps}),
     ], ignore_index=True)
-    return tuple(_route_pairs(near.reset_index(drop=True), k) + _split_df(rows, "id", k, ["id", "representative_id"]))
+    family_requests = _requests(ex["a"].values, partition_of(ex["b"].tolist(), k), k)
+    return tuple(_route_pairs(near.reset_index(drop=True), k) + _split_df(rows, "id", k, ["id", "exact_of"])
+                 + family_requests)
 
 
 @ray.remote
@@ -304,45 +317,140 @@ def _root_pairs(k: int, i: int, *pieces):
     return tuple([d] + _requests(d["a"].values, np.full(len(d), i, dtype=np.int64), k))
 
 
+def _by_dest(df: pd.DataFrame, k: int) -> list[pd.DataFrame]:
+    """Rows with a ``dest`` part number -> k pieces, piece i the rows for part i (``dest`` dropped)."""
+    dest = df["dest"].values
+    df = df.drop(columns="dest")
+    return [df[dest == i].reset_index(drop=True) for i in range(k)]
+
+
+def _unique_nodes(roots: pd.DataFrame) -> pd.DataFrame:
+    """(node, root) rows, one per node (a node's row can come from several star partitions)."""
+    if not len(roots):
+        return pd.DataFrame({"node": pd.Series([], dtype=object), "root": pd.Series([], dtype=object)})
+    return roots.drop_duplicates("node").reset_index(drop=True)
+
+
+def family_answers(roots: pd.DataFrame, requests: pd.DataFrame) -> pd.DataFrame:
+    """Family requests (a, dest) for exact representatives a of this part, and this part's (node, root) rows of
+    the near components -> (a, root, near, dest): the kept document of a's family (the root of a's near
+    component, or a itself when no near link reaches a) and whether the family has near links."""
+    if not len(requests):
+        return pd.DataFrame({"a": pd.Series([], dtype=object), "root": pd.Series([], dtype=object),
+                             "near": pd.Series([], dtype=bool), "dest": pd.Series([], dtype=np.int64)})
+    req = requests.drop_duplicates().reset_index(drop=True)
+    root_of = _unique_nodes(roots).set_index("node")["root"]
+    root = req["a"].map(root_of)
+    near = root.notna()
+    return pd.DataFrame({"a": req["a"].values, "root": root.where(near, req["a"]).values, "near": near.values,
+                         "dest": req["dest"].values})
+
+
 @ray.remote
-def _finalize(out_path: str, labels_path: str, exact_pieces: list, root_pieces: list, sim_pieces: list) -> dict:
-    """Write this part's ``duplicates/`` rows and its labels (one row per duplicate document); its statistics."""
-    ex = _concat(ray.get(exact_pieces))
-    roots = _concat(ray.get(root_pieces))
-    if len(roots):  # a node's (node, root) row can come from several star partitions
-        roots = roots.drop_duplicates("node")
-    sims = _concat(ray.get(sim_pieces))
+def _families(k: int, n_roots: int, *pieces):
+    """This part's (node, root) rows (the first ``n_roots`` pieces) and the family requests for its ids ->
+    per dest part: (a, root, near) (``family_answers``)."""
+    return _ret(_by_dest(family_answers(_concat(pieces[:n_roots]), _concat(pieces[n_roots:])), k))
+
+
+def _cluster_id(root, near) -> pd.Series:
+    """One id per family: ``near:<kept id>`` when near links join it, ``exact:<kept id>`` for copies only."""
+    return pd.Series(np.where(np.asarray(near, dtype=bool), "near:", "exact:"), dtype=object) + pd.Series(
+        np.asarray(root, dtype=object), dtype=object)
+
+
+def family_rows(exact: pd.DataFrame, roots: pd.DataFrame, sims: pd.DataFrame, families: pd.DataFrame) -> pd.DataFrame:
+    """One ``duplicates/`` row per document of this part that belongs to a family of two or more documents.
+
+    exact     (id, exact_of): the exact groups' members of this part, exact_of the group's smallest id
+              (``exact_of == id``: the group's representative)
+    roots     (node, root): the members of near components (exact representatives only) of this part
+    sims      (a, b, similarity): b's Jaccard similarity to its root a
+    families  (a, root, near): for the exact representatives a of this part's copies, their family's kept
+              document and whether near links join the family (``family_answers``)
+
+    Every row names the family's kept document (its smallest id) as ``representative_id``, and the family's one
+    ``cluster_id``; ``duplicate_of`` is the document the row was matched against: an exact copy's exact
+    representative (``similarity`` 1.0), a near duplicate's root (``similarity`` to it), none for the kept one.
+    A representative of an exact group that is also a near duplicate has one row, its near one.
+    """
+    roots = _unique_nodes(roots)
     frames = []
-    if len(ex):
-        ex = ex.drop_duplicates()
-        frames.append(pd.DataFrame({"id": ex["id"], "cluster_id": "exact:" + ex["representative_id"],
-                                    "representative_id": ex["representative_id"], "kind": "exact",
-                                    "similarity": 1.0}))
     if len(roots):
+        is_root = (roots["node"] == roots["root"]).values
         sim_of = dict(zip(sims["b"], sims["similarity"])) if len(sims) else {}
-        sim = [1.0 if n == r else sim_of[n] for n, r in zip(roots["node"], roots["root"])]
-        frames.append(pd.DataFrame({"id": roots["node"], "cluster_id": "near:" + roots["root"],
-                                    "representative_id": roots["root"], "kind": "near", "similarity": sim}))
-    dup = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in DUP_SCHEMA.names})
-    dup = dup.sort_values(["cluster_id", "id"]).reset_index(drop=True)
+        missing = [n for n in roots["node"][~is_root] if n not in sim_of]
+        if missing:  # pragma: no cover - every non-root is scored against its root
+            raise RuntimeError(f"{len(missing)} near duplicates without a similarity, e.g. {missing[:3]}")
+        frames.append(pd.DataFrame({
+            "id": roots["node"].values, "cluster_id": _cluster_id(roots["root"].values, np.ones(len(roots))).values,
+            "representative_id": roots["root"].values,
+            "duplicate_of": np.where(is_root, None, roots["root"].values),
+            "kind": "near", "similarity": [1.0 if r else sim_of[n] for n, r in zip(roots["node"], is_root)]}))
+    if len(exact):
+        exact = exact.drop_duplicates().reset_index(drop=True)
+        in_near = exact["id"].isin(set(roots["node"])).values
+        own = (exact["id"] == exact["exact_of"]).values
+        # a representative in a near component: its near row stands for it
+        reps = exact[own & ~in_near]
+        copies = exact[~own]
+        if len(copies):
+            fam = families.drop_duplicates("a").set_index("a") if len(families) else pd.DataFrame(columns=["root", "near"])
+            root = copies["exact_of"].map(fam["root"])
+            if root.isna().any():  # pragma: no cover - every copy's representative is asked for
+                raise RuntimeError(f"{int(root.isna().sum())} exact copies without their family's kept document")
+            near = copies["exact_of"].map(fam["near"]).astype(bool)
+        else:
+            root, near = copies["exact_of"], pd.Series([], dtype=bool)
+        frames.append(pd.DataFrame({
+            "id": np.concatenate([reps["id"].values, copies["id"].values]),
+            "cluster_id": np.concatenate([_cluster_id(reps["id"].values, np.zeros(len(reps))).values,
+                                          _cluster_id(root.values, near.values).values]),
+            "representative_id": np.concatenate([reps["id"].values, root.values]),
+            "duplicate_of": np.concatenate([np.full(len(reps), None, dtype=object), copies["exact_of"].values]),
+            "kind": "exact", "similarity": 1.0}))
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series([], dtype=float if c == "similarity" else object) for c in DUP_SCHEMA.names})
+    dup = pd.concat(frames, ignore_index=True)[DUP_SCHEMA.names]
+    dup["duplicate_of"] = dup["duplicate_of"].astype(object).where(dup["duplicate_of"].notna(), None)
+    if dup["id"].duplicated().any():  # pragma: no cover - copies are never in the near graph
+        raise RuntimeError(f"documents in two families: {dup['id'][dup['id'].duplicated()].tolist()[:3]}")
+    return dup.sort_values(["cluster_id", "id"]).reset_index(drop=True)
+
+
+def labels_of(dup: pd.DataFrame) -> pa.Table:
+    """``duplicates/`` rows -> the labels ``decide`` reads: one row per family member (its kept document too)."""
+    dup = dup.sort_values("id")
+    matched = dup["duplicate_of"].notna()
+    exact = matched & (dup["kind"] == "exact")
+    near = matched & (dup["kind"] == "near")
+    return pa.table({
+        "id": pa.array(dup["id"].tolist(), pa.string()),
+        "exact_of": pa.array(dup["duplicate_of"].where(exact, None).tolist(), pa.string()),
+        "near_of": pa.array(dup["duplicate_of"].where(near, None).tolist(), pa.string()),
+        "near_similarity": pa.array(dup["similarity"].astype(object).where(near, None).tolist(), pa.float64()),
+        "representative_id": pa.array(dup["representative_id"].tolist(), pa.string()),
+        "cluster_id": pa.array(dup["cluster_id"].tolist(), pa.string()),
+    }, schema=LABEL_SCHEMA)
+
+
+@ray.remote
+def _finalize(out_path: str, labels_path: str, exact_pieces: list, root_pieces: list, sim_pieces: list,
+              family_pieces: list) -> dict:
+    """Write this part's ``duplicates/`` rows and its labels (one row per family member); its statistics."""
+    exact = _concat(ray.get(exact_pieces))
+    roots = _unique_nodes(_concat(ray.get(root_pieces)))
+    dup = family_rows(exact, roots, _concat(ray.get(sim_pieces)), _concat(ray.get(family_pieces)))
     table = pa.Table.from_pandas(dup, schema=DUP_SCHEMA, preserve_index=False)
     if table.num_rows:
         write_table(table, out_path)
-    non_rep = dup[dup["id"] != dup["representative_id"]]
-    ex_of = non_rep[non_rep["kind"] == "exact"].set_index("id")["representative_id"]
-    near = non_rep[non_rep["kind"] == "near"].set_index("id")
-    ids = sorted(set(ex_of.index) | set(near.index))
-    labels = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "exact_of": pa.array([ex_of.get(i) for i in ids], pa.string()),
-        "near_of": pa.array([near["representative_id"].get(i) for i in ids], pa.string()),
-        "near_similarity": pa.array([near["similarity"].get(i) for i in ids], pa.float64()),
-    }, schema=LABEL_SCHEMA)
-    write_table(labels, labels_path)
-    stats = {"exact_clusters": int((dup["kind"] == "exact").sum() - len(ex_of)) if len(dup) else 0,
-             "near_clusters": int(((dup["kind"] == "near") & (dup["id"] == dup["representative_id"])).sum()) if len(dup) else 0,
-             "duplicate_rows": int(len(dup))}
-    return stats
+    write_table(labels_of(dup), labels_path)
+    exact = exact.drop_duplicates() if len(exact) else exact
+    return {"exact_clusters": int((exact["id"] == exact["exact_of"]).sum()) if len(exact) else 0,
+            "near_clusters": int((roots["node"] == roots["root"]).sum()),
+            "families": int((dup["id"] == dup["representative_id"]).sum()),
+            "duplicate_rows": int(len(dup))}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -399,10 +507,11 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
     """
     t0 = time.time()
     files = [parquet_files(work_docs, [p]) for p in range(k)]
-    split = [_split_edges.options(num_returns=3 * k).remote(f, k) for f in edge_files]
+    split = [_split_edges.options(num_returns=4 * k).remote(f, k) for f in edge_files]
     pairs = [[s[i] for s in split] for i in range(k)]
     requests = [[s[k + i] for s in split] for i in range(k)]
     exact_by_id = [[s[2 * k + i] for s in split] for i in range(k)]
+    family_requests = [[s[3 * k + i] for s in split] for i in range(k)]
 
     # Verification: exact Jaccard of every candidate pair (or just its similarity when verify is off).
     verified, counts = _verify(files, pairs, requests, k, ngram, threshold if verify else None)
@@ -420,13 +529,18 @@ def dedup_graph(edge_files: list, *, work_docs: str, out_dir: str, labels_dir: s
     sims, _ = _verify(files, [[r[0]] for r in root_pairs], [[r[1 + j] for r in root_pairs] for j in range(k)],
                       k, ngram, None)
 
+    # the kept document of each exact copy's family, from its exact representative's part
+    families = _as_lists([_families.options(num_returns=k).remote(k, len(roots[j]), *roots[j], *family_requests[j])
+                          for j in range(k)], k)
+
     labels = label_paths(labels_dir, k)
     part_stats = ray.get([_finalize.remote(os.path.join(out_dir, "duplicates", f"part-{i:05d}.parquet"), labels[i],
-                                           exact_by_id[i], roots[i], [sims[i]]) for i in range(k)])
+                                           exact_by_id[i], roots[i], [sims[i]], families[i]) for i in range(k)])
     log.info("dedup graph: %d connected-component rounds, similarities and labels (%.1fs)", rounds, time.time() - t0)
     stats = {"candidate_edges": int(n_candidates), "verified_edges": int(n_verified), "cc_rounds": rounds,
              "exact_clusters": sum(s["exact_clusters"] for s in part_stats),
              "near_clusters": sum(s["near_clusters"] for s in part_stats),
+             "families": sum(s["families"] for s in part_stats),
              "duplicate_rows": sum(s["duplicate_rows"] for s in part_stats),
              # skew: the most candidate pairs one verification task held, the most edges one CC task held
              "max_task_pairs": max(pair_counts, default=0), "max_task_cc_rows": max(held, default=0)}

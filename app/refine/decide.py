@@ -8,39 +8,67 @@ then the heuristic rules in ``heuristics.RULES`` order, then ``high_perplexity``
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from app.refine.heuristics import RULES, SIGNALS, failing_rules
 
 REASON_ORDER = ["exact_duplicate", "near_duplicate"] + [name for name, _f, _fn in RULES]
 
 
-def decide_step(table: pa.Table, labels: Mapping[str, tuple], heuristics_cfg, heuristics_enabled: bool) -> pa.Table:
-    """Adds ``duplicate_of``, ``near_similarity``, ``drop_reason``, ``drop_reasons``.
+class DuplicateLabel(NamedTuple):
+    """What the duplicate graph says of one member of a duplicate family (``components.labels_of``)."""
 
-    ``labels`` maps a duplicate document's id to ``(exact_of, near_of, near_similarity)``.
+    exact_of: Optional[str]  # the exact copy's group representative (None: not an exact copy)
+    near_of: Optional[str]  # the document a near duplicate was matched against (None: not a near duplicate)
+    near_similarity: Optional[float]
+    representative_id: str  # the family's kept document (its smallest id)
+    cluster_id: str  # the family's one id
+
+
+NO_LABEL = DuplicateLabel(None, None, None, None, None)
+
+
+def read_labels(path: str) -> dict[str, DuplicateLabel]:
+    """One part's labels file -> id -> ``DuplicateLabel``."""
+    t = pq.read_table(path, columns=list(DuplicateLabel._fields) + ["id"])
+    return dict(zip(t.column("id").to_pylist(), map(DuplicateLabel._make, zip(
+        *(t.column(f).to_pylist() for f in DuplicateLabel._fields)))))
+
+
+def decide_step(table: pa.Table, labels: Mapping[str, DuplicateLabel], heuristics_cfg,
+                heuristics_enabled: bool) -> pa.Table:
+    """Adds ``duplicate_of``, ``near_similarity``, ``representative_id``, ``cluster_id``, ``drop_reason``,
+    ``drop_reasons``.
+
+    ``labels`` maps each member of a duplicate family (its kept document too) to its ``DuplicateLabel``;
+    ``representative_id`` and ``cluster_id`` are null outside families.
     """
     ids = table.column("id").to_pylist()
     sig_cols = {n: table.column(n).to_pylist() for n in SIGNALS} if heuristics_enabled else {}
-    dup_of, near_sim, reason, reasons = [], [], [], []
+    dup_of, near_sim, rep_id, cluster, reason, reasons = [], [], [], [], [], []
     for i, id_ in enumerate(ids):
         rs: list[str] = []
-        exact_of, near_of, sim = labels.get(id_, (None, None, None))
-        if exact_of is not None:
+        label = labels.get(id_, NO_LABEL)
+        if label.exact_of is not None:
             rs.append("exact_duplicate")
-        if near_of is not None:
+        if label.near_of is not None:
             rs.append("near_duplicate")
         if heuristics_enabled:
             rs.extend(failing_rules({n: sig_cols[n][i] for n in SIGNALS}, heuristics_cfg))
-        dup_of.append(exact_of if exact_of is not None else near_of)
-        near_sim.append(sim)
+        dup_of.append(label.exact_of if label.exact_of is not None else label.near_of)
+        near_sim.append(label.near_similarity)
+        rep_id.append(label.representative_id)
+        cluster.append(label.cluster_id)
         reason.append(rs[0] if rs else None)
         reasons.append(rs)
     return (table.append_column("duplicate_of", pa.array(dup_of, pa.string()))
             .append_column("near_similarity", pa.array(near_sim, pa.float64()))
+            .append_column("representative_id", pa.array(rep_id, pa.string()))
+            .append_column("cluster_id", pa.array(cluster, pa.string()))
             .append_column("drop_reason", pa.array(reason, pa.string()))
             .append_column("drop_reasons", pa.array(reasons, pa.list_(pa.string()))))
 

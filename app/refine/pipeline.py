@@ -30,7 +30,7 @@ import ray
 from app.config import RefineConfig, to_dict
 from app.refine.components import dedup_graph, label_paths
 from app.models import resolve
-from app.refine.decide import decide_step, merge_stats, quality_step, summarize
+from app.refine.decide import decide_step, merge_stats, quality_step, read_labels, summarize
 from app.refine.exact import exact_step
 from app.refine.heuristics import heuristics_step
 from app.refine.io import CorpusDatasource, expand_inputs, parquet_files
@@ -82,9 +82,7 @@ def _decide_batch(table: pa.Table, *, labels: list, k: int, heuristics_cfg, heur
             if key not in _LABEL_CACHE:
                 if len(_LABEL_CACHE) >= 2:
                     _LABEL_CACHE.clear()
-                t = pq.read_table(labels[p])
-                _LABEL_CACHE[key] = dict(zip(t.column("id").to_pylist(), zip(
-                    t.column("exact_of").to_pylist(), t.column("near_of").to_pylist(), t.column("near_similarity").to_pylist())))
+                _LABEL_CACHE[key] = read_labels(labels[p])
             parts.append(_LABEL_CACHE[key])
     out = decide_step(table.drop_columns([c for c in ("bands",) if c in table.column_names]), ChainMap(*parts),
                       heuristics_cfg, heuristics_enabled)
@@ -218,7 +216,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
 
     # ---- pass 2 + 3: the duplicate graph (one unit)
     labels: list = []
-    graph_stats: dict = {"candidate_edges": 0, "verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "duplicate_rows": 0,
+    graph_stats: dict = {"candidate_edges": 0, "verified_edges": 0, "cc_rounds": 0, "exact_clusters": 0, "near_clusters": 0, "families": 0, "duplicate_rows": 0,
                          "max_task_pairs": 0, "max_task_cc_rows": 0}
     edges_dir = os.path.join(work, "edges")
 
@@ -271,7 +269,7 @@ def run_refine(inputs: list[str], out_dir: str, cfg: RefineConfig, *, overwrite:
     def output_unit() -> dict:
         t0 = time.time()
         sink = OutputSink(out_dir, max_toxicity=max_toxicity, samples=cfg.report.samples,
-                          lookup_ids={d for p in dup_picks for d in (p["id"], p["representative_id"])})
+                          lookup_ids={d for p in dup_picks for d in (p["id"], p["duplicate_of"])})
         summary: dict = {}
         if n_good:
             if scoring:

@@ -113,9 +113,9 @@ def pick_duplicates(duplicates_dir: str, k: int, max_files: int = 8) -> list[dic
                    if f.endswith(".parquet")) if os.path.isdir(duplicates_dir) else []
     picked: dict[str, list[dict]] = {"exact": [], "near": []}
     for f in files[:max_files]:
-        for rec in pq.read_table(f, columns=["id", "representative_id", "kind", "similarity"]).to_pylist():
+        for rec in pq.read_table(f, columns=["id", "duplicate_of", "kind", "similarity"]).to_pylist():
             bucket = picked.get(rec["kind"])
-            if bucket is not None and len(bucket) < k and rec["id"] != rec["representative_id"]:
+            if bucket is not None and len(bucket) < k and rec["duplicate_of"] is not None:
                 bucket.append(rec)
         if all(len(v) >= k for v in picked.values()):
             break
@@ -123,13 +123,13 @@ def pick_duplicates(duplicates_dir: str, k: int, max_files: int = 8) -> list[dic
 
 
 def duplicate_samples(picks: list[dict], lookup: dict) -> dict:
-    """Samples for the duplicate reasons: each picked duplicate with the document it matched."""
+    """Samples for the duplicate reasons: each picked duplicate with the document it matched (``duplicate_of``)."""
     out: dict[str, list[dict]] = {}
     for p in picks:
         doc = lookup.get(p["id"])
         if doc is None:
             continue
-        match = lookup.get(p["representative_id"])
+        match = lookup.get(p["duplicate_of"])
         reason = "exact_duplicate" if p["kind"] == "exact" else "near_duplicate"
         out.setdefault(reason, []).append({**doc, "similarity": p["similarity"], "matched": None if match is None else {
             "id": match["id"], "source": match["source"], "text": match["text"], "drop_reason": match["drop_reason"]}})
