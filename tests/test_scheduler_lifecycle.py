@@ -133,7 +133,10 @@ def test_a_cancelled_waiting_request_leaves_the_queue_at_once(hybrid):
 
     async def go():
         t_long = asyncio.ensure_future(sch.generate(long))
-        await asyncio.sleep(0.1)
+        for _ in range(500):  # until it decodes (its prefill may be slow the first time)
+            if sch.running:
+                break
+            await asyncio.sleep(0.01)
         t_head = asyncio.ensure_future(sch.generate(head))
         t_gone = asyncio.ensure_future(sch.generate(gone))
         await asyncio.sleep(0.02)
