@@ -118,7 +118,7 @@ class Sampler(threading.Thread):
 
 GRAPH_TASKS = ("_split_edges", "_serve_texts", "_similarities", "_attach_first", "_attach_second", "_by_larger",
                "_star_min", "_large_star", "_small_star", "_both_directions", "_smaller_direction", "_roots",
-               "_root_pairs", "_finalize")
+               "_root_pairs", "_families", "_finalize")
 
 
 def anchor_routing(out: str, k: int) -> tuple[int, int]:
