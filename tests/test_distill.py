@@ -458,6 +458,8 @@ def test_fsdp_needs_gpus_and_says_so():
     with pytest.raises(ConfigError, match="fsdp needs train.use_gpu"):
         load_config(DistillConfig, None, ["train.strategy=fsdp"])
     assert load_config(DistillConfig, None, ["train.strategy=fsdp", "train.use_gpu=true"]).train.strategy == "fsdp"
+    # one worker is never wrapped, so fsdp there is plain training, on CPUs too
+    assert load_config(DistillConfig, None, ["train.strategy=fsdp", "train.num_workers=1"]).train.strategy == "fsdp"
 
 
 def test_cli_distill_bad_config_is_exit_2(capsys):

@@ -59,9 +59,9 @@ class StudentConfig:
     conv_init: Literal["identity", "default"] = "identity"
     """The mixers' causal conv under init attention: identity (passes the projections on) or the layer's default."""
     hidden_size: Optional[int] = None
-    """mamba2: student width (null: the teacher's; another width needs init random)."""
+    """mamba2: student width (null: the teacher's; set, it is a shape of its own: init random, stages.align_tokens 0)."""
     num_layers: Optional[int] = None
-    """mamba2: student depth (null: the teacher's; another depth needs init random)."""
+    """mamba2: student depth (null: the teacher's; set, it is a shape of its own: init random, stages.align_tokens 0)."""
     num_heads: Optional[int] = None
     """mamba2: SSM heads (null: the teacher's attention heads; hybrid: always the teacher's)."""
     head_dim: Optional[int] = None
@@ -144,10 +144,14 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (data-parallel replicas)."""
     use_gpu: bool = False
-    """One GPU per worker; the teacher runs in bf16 there."""
+    """One GPU per worker; the teacher runs in bf16 there (train.teacher_dtype: auto)."""
+    teacher_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """The frozen teacher's dtype. auto: bfloat16 on GPUs, float32 on CPUs; bfloat16 on CPU runs the GPU path's
+    dtype there (the tests do, so dtype mismatches show without a GPU). Its logits are computed in fp32 either way
+    (app/distill/teacher.py)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP, or FSDP on GPUs (shards the student's parameters and optimizer state; stage
-    align needs DDP, since it calls each layer on its own)."""
+    align needs DDP, since it calls each layer on its own). With one worker nothing is wrapped, either way."""
     batch_size: int = 4
     """Sequences per worker per step (the job estimates each worker's memory first and refuses a batch that
     does not fit; see app/distill/memory.py)."""
@@ -192,8 +196,17 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         for k in ("warmup_steps", "max_failures", "eval_every"):
             _check(getattr(self, k) >= 0, f"train.{k}", "must be >= 0")
-        _check(self.strategy == "ddp" or self.use_gpu, "train.strategy",
+        # one worker is never wrapped (Ray Train's prepare_model shards across workers only): fsdp runs there as is
+        _check(self.strategy == "ddp" or self.use_gpu or self.num_workers == 1, "train.strategy",
                "fsdp needs train.use_gpu: true (Ray Train's FSDP runs on GPUs only)")
+
+    def teacher_torch_dtype(self):
+        """The teacher's torch dtype (see teacher_dtype)."""
+        import torch
+
+        if self.teacher_dtype == "auto":
+            return torch.bfloat16 if self.use_gpu else torch.float32
+        return getattr(torch, self.teacher_dtype)
 
 
 @dataclass
@@ -223,6 +236,18 @@ class DistillConfig:
     """Ray Train and the optimiser."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Cached teacher logits."""
+
+    def __post_init__(self) -> None:
+        sc = self.student
+        if sc.arch == "mamba2" and (sc.hidden_size or sc.num_layers):
+            # a width or depth of its own: no teacher layer to align each mixer with, no weights to copy (prepare()
+            # checks the same against the teacher's config, for values set equal to the teacher's)
+            _check(self.stages.align_tokens == 0, "stages.align_tokens",
+                   "must be 0 for a mamba2 student with its own student.hidden_size/num_layers (stage align matches "
+                   "each mixer to the teacher's layer of the same index and width; leave both null for the teacher's)")
+            _check(sc.init == "random", "student.init",
+                   "must be random for a mamba2 student with its own student.hidden_size/num_layers (init attention "
+                   "copies the teacher's weights, which need its width and depth; leave both null for the teacher's)")
 
 
 @dataclass

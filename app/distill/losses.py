@@ -87,6 +87,12 @@ def _chunk_losses(h_s, w_s, t_part, labels, temperature: float, topk: bool):
     return kd, ce
 
 
+def teacher_logits(h, head) -> torch.Tensor:
+    """(N, V) fp32 teacher logits of hidden states ``h`` (N, d): ``head`` is a callable (the model's own head path)
+    or a weight (V, d)."""
+    return head(h).float() if callable(head) else h.float() @ head.float().T
+
+
 def kd_ce_loss(h_s: torch.Tensor, w_s: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *,
                teacher_hidden: Optional[torch.Tensor] = None, teacher_head: Optional[torch.Tensor] = None,
                teacher_topk: Optional[TeacherTopK] = None, temperature: float = 1.0,
@@ -94,8 +100,9 @@ def kd_ce_loss(h_s: torch.Tensor, w_s: torch.Tensor, mask: torch.Tensor, labels:
     """(KD, CE), each a mean over the real tokens (CE over those with a label); KD is 0 without a teacher.
 
     h_s: the student's final hidden states (B, T, d), w_s its output embedding (V, d). The teacher is either
-    dense, ``teacher_hidden`` (B, T, d_t) @ ``teacher_head`` (V, d_t)^T, or ``teacher_topk``. mask (B, T) marks
-    real tokens; labels (B, T) hold the next token or IGNORE.
+    dense, ``teacher_hidden`` (B, T, d_t) and ``teacher_head`` (its output embedding (V, d_t), or a callable
+    (N, d_t) -> (N, V) logits such as ``teacher.HeadLogits``, the model's own head path), or ``teacher_topk``.
+    mask (B, T) marks real tokens; labels (B, T) hold the next token or IGNORE.
     """
     flat = mask.reshape(-1).nonzero().squeeze(1)  # (M,) real token positions
     n_real = max(int(flat.numel()), 1)
@@ -118,7 +125,7 @@ def kd_ce_loss(h_s: torch.Tensor, w_s: torch.Tensor, mask: torch.Tensor, labels:
                           teacher_topk.logits.reshape(-1, teacher_topk.logits.shape[-1])[idx])
             else:
                 th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[idx]
-                t_part = th.float() @ teacher_head.float().T  # (N, V), freed after the chunk
+                t_part = teacher_logits(th, teacher_head)  # (N, V), freed after the chunk
         if topk:
             fn, args = (lambda h, w, a, b, lb: _chunk_losses(h, w, (a, b), lb, temperature, True)), (*t_part, lab[idx])
         elif dense:
@@ -144,7 +151,9 @@ def kd_ce_loss_ref(h_s, w_s, mask, labels, *, teacher_hidden=None, teacher_head=
         log_p = F.log_softmax(teacher_topk.logits.float() / temperature, -1)[m]
         log_q = log_q.gather(1, teacher_topk.ids[m].long())
     else:
-        log_p = F.log_softmax((teacher_hidden.float() @ teacher_head.float().T) / temperature, -1)[m]
+        th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        z_t = teacher_logits(th, teacher_head).reshape(*teacher_hidden.shape[:-1], -1)  # (B, T, V)
+        log_p = F.log_softmax(z_t / temperature, -1)[m]
     kd = F.kl_div(log_q, log_p, log_target=True, reduction="sum") * temperature ** 2 / max(int(m.sum()), 1)
     lab = labels.masked_fill(~m, IGNORE)
     ce = F.cross_entropy(z_s.reshape(-1, z_s.shape[-1]), lab.reshape(-1), ignore_index=IGNORE)

@@ -1,7 +1,7 @@
 """How much memory one distillation worker needs, estimated before the run starts, and the refusal when the
 workers a node would host do not fit it.
 
-Per worker (fp32 training; the teacher in fp32 on CPU, bf16 on GPU):
+Per worker (fp32 training; the teacher in train.teacher_dtype, by default fp32 on CPU and bf16 on GPU):
     teacher      its parameters (the frozen copy every worker loads)
     student      parameters + gradients + AdamW's two moments: 16 bytes per parameter
     activations  what autograd keeps for the backward pass, per token of the batch (train.batch_size x seq_len),
@@ -80,7 +80,7 @@ def estimate(cfg, teacher_cfg, kernels: bool = False) -> Estimate:
     sc, tc = cfg.student, cfg.train
     d, layers, inter, vocab = (teacher_cfg.hidden_size, teacher_cfg.num_hidden_layers, teacher_cfg.intermediate_size,
                                teacher_cfg.vocab_size)
-    teacher_bytes = param_count(teacher_cfg) * (2 if tc.use_gpu else 4)
+    teacher_bytes = param_count(teacher_cfg) * tc.teacher_torch_dtype().itemsize
     chunk = sc.chunk_size
     if sc.arch == "hybrid":
         attn = attention_layer_indices(sc.attention_layers, layers)

@@ -41,6 +41,21 @@ INITS = ("attention", "random")
 _LAYER_PARAMS = {"input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
                  "mlp.up_proj.weight", "mlp.down_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias",
                  "mlp.down_proj.bias", *(f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias"))}
+_LAYER_REQUIRED = {"input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                   "mlp.up_proj.weight", "mlp.down_proj.weight", *(f"self_attn.{p}_proj.weight" for p in "qkvo")}
+# teachers whose forward is the student's, module for module (the copy and the all-attention invariant hold)
+CARRIED = ("llama", "mistral", "qwen2")
+# known teachers with Llama-like parameter names and other math (model_type prefix -> what the copy would lose)
+UNCARRIED = {
+    "gemma": "its RMSNorm scales by (1 + w), its embeddings by sqrt(hidden_size), its MLP uses GELU (and Gemma 2/3 "
+             "add norms and logit soft-capping)",
+    "granite": "its embedding, residual and attention multipliers and its logits_scaling",
+    "cohere": "its parallel attention + MLP block, LayerNorm and logit_scale",
+    "olmo": "its norms after attention and MLP (and q/k norms)",
+    "qwen3": "its q/k norms",
+    "smollm3": "its layers without RoPE",
+    "phi": "its fused projections and partial rotary",
+}
 
 
 @dataclass
@@ -131,6 +146,7 @@ def hybrid_config(teacher_cfg: Any, attention_layers: Sequence[int], conv_kernel
     """The BambaConfig of the hybrid student of a Llama-style ``teacher_cfg`` keeping ``attention_layers``."""
     from transformers import BambaConfig
 
+    check_carried(teacher_cfg)
     t = teacher_dims(teacher_cfg)
     if t["heads"] * t["head_dim"] % t["hidden"]:
         raise ValueError(f"hybrid student: teacher heads * head_dim ({t['heads']} * {t['head_dim']}) must be a "
@@ -157,13 +173,34 @@ def hybrid_config(teacher_cfg: Any, attention_layers: Sequence[int], conv_kernel
         mamba_conv_bias=True, mamba_proj_bias=True, use_cache=bool(attention_layers), **ids)
 
 
+def check_carried(teacher_cfg: Any, what: str = "hybrid student") -> None:
+    """Refuse a teacher whose math the copy cannot carry exactly: only the model types in ``CARRIED`` compute
+    what the student's modules compute (w * RMSNorm(x), unscaled embeddings, attention scaled by
+    1/sqrt(head_dim), plain residual adds, logits = lm_head(h)). Others may share the Llama parameter names and
+    still differ (``UNCARRIED`` names why for the known ones); their student would be silently wrong."""
+    mt = getattr(teacher_cfg, "model_type", None)
+    if mt in CARRIED:
+        window = getattr(teacher_cfg, "sliding_window", None) if getattr(teacher_cfg, "use_sliding_window", True) \
+            else None
+        if window is not None and window < getattr(teacher_cfg, "max_position_embeddings", 0):
+            raise ValueError(f"{what}: the teacher ({mt}) attends within a sliding window of {window} tokens, which "
+                             "the student's full-context attention and its copy do not carry")
+        return
+    family = next((k for k in UNCARRIED if mt and mt.startswith(k)), None)
+    why = UNCARRIED[family] if family else "not one of the architectures the copy is known to carry exactly"
+    raise ValueError(f"{what}: teacher model_type {mt!r} cannot be carried into the student ({why}); the copy "
+                     f"carries {', '.join(sorted(CARRIED))} teachers (a mamba2 student with student.init: random "
+                     "takes any teacher)")
+
+
 def _check_llama_like(teacher) -> None:
+    check_carried(teacher.config)
     for i, layer in enumerate(teacher.model.layers):
         names = {n for n, _ in layer.named_parameters()}
-        extra = sorted(names - _LAYER_PARAMS)
-        if extra:
-            raise ValueError(f"hybrid student: teacher layer {i} has parameters the copy does not carry: {extra} "
-                             "(a Llama-style teacher is needed: norms, q/k/v/o, SwiGLU MLP)")
+        extra, missing = sorted(names - _LAYER_PARAMS), sorted(_LAYER_REQUIRED - names)
+        if extra or missing:
+            raise ValueError(f"hybrid student: teacher layer {i} has parameters the copy does not carry: {extra}, "
+                             f"lacks {missing} (a Llama-style teacher is needed: norms, q/k/v/o, SwiGLU MLP)")
 
 
 def _copy(dst, src) -> None:
@@ -235,6 +272,8 @@ def build_mamba2(teacher, shape: StudentShape, init: str = "attention", conv_ini
     teacher_cfg = getattr(teacher, "config", teacher)
     if init == "attention" and teacher_cfg is teacher:
         raise ValueError("the attention init copies the teacher's weights: pass the loaded teacher, not its config")
+    if init == "attention":  # it copies embeddings, norms and head: they must mean what the student's mean
+        check_carried(teacher_cfg, "mamba2 student with init attention")
     t = teacher_dims(teacher_cfg)
     if init == "attention" and (shape.hidden_size or t["hidden"], shape.num_layers or t["layers"]) != (t["hidden"], t["layers"]):
         raise ValueError("the attention init needs the teacher's hidden size and layer count (use init random)")

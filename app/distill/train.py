@@ -209,10 +209,28 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict, dict]:
+def is_fsdp(model) -> bool:
+    """Whether ``model`` is FSDP-wrapped. What the run asked for is not enough: Ray Train's ``prepare_model`` wraps
+    nothing with one worker, whatever ``train.strategy`` says."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return isinstance(model, FSDP)
+
+
+def clip_grads(model, max_norm: float):
+    """Clip the gradient norm to ``max_norm``: FSDP's own clip (the norm over every shard) where the model is
+    sharded, torch's otherwise; returns the norm before clipping."""
+    import torch
+
+    if is_fsdp(model):
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _full_state(model, optimizer) -> tuple[dict, dict, dict]:
     """(student state dict, loss-weight state dict, optimizer state dict), whole; under FSDP gathered onto rank 0
     (every rank calls)."""
-    if not fsdp:
+    if not is_fsdp(model):
         mod = _unwrap(model)
         extra = {f"log_vars.{k}": v.detach() for k, v in mod.log_vars.items()} if mod.log_vars is not None else {}
         return mod.student.state_dict(), extra, optimizer.state_dict()
@@ -251,8 +269,9 @@ def train_loop(config: dict) -> None:
     from app.config import _build
     from app.distill.config import DistillConfig
     from app.distill.data import PackedRows, batch_rows
-    from app.distill.losses import TeacherTopK, kd_ce_loss
+    from app.distill.losses import TeacherTopK
     from app.distill.student import build_student
+    from app.distill.teacher import HeadLogits, body_hidden, nll_sum
     from app.models import load_causal_lm, load_model_config
 
     cfg = _build(DistillConfig, config["cfg"])
@@ -267,7 +286,9 @@ def train_loop(config: dict) -> None:
     topk_rows = config.get("topk")
     needs_teacher = (plan.steps["align"] > 0 or (plan.steps["kd"] > 0 and not topk_rows) or tc.eval_teacher
                      or cfg.student.init == "attention" or cfg.student.arch == "hybrid")
-    teacher = load_causal_lm(cfg.teacher, device=str(device)) if needs_teacher else None
+    teacher = load_causal_lm(cfg.teacher, device=str(device), dtype=tc.teacher_torch_dtype()) if needs_teacher \
+        else None
+    teacher_head = HeadLogits(teacher.model) if teacher is not None else None  # its logits, through its own head
     student, _ = build_student(teacher.model if teacher else load_model_config(cfg.teacher), cfg.student.arch,
                                attention_layers=cfg.student.attention_layers, shape=cfg.student.shape(),
                                init=cfg.student.init, conv_init=cfg.student.conv_init, seed=tc.seed)
@@ -314,7 +335,7 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.AdamW([{"params": decay}, {"params": log_vars, "weight_decay": 0.0, "lr": sc.auto_lr}],
                             lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
     if opt_state is not None:
-        if tc.strategy == "fsdp":
+        if is_fsdp(model):
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             opt_state = FSDP.optim_state_dict_to_load(model, opt, opt_state)
@@ -349,7 +370,7 @@ def train_loop(config: dict) -> None:
             return {}
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # student nll, teacher nll, tokens (NCCL: on device)
-        fsdp = tc.strategy == "fsdp"
+        fsdp = is_fsdp(model)
         bs = tc.batch_size
         n = min(tc.eval_batches * bs, eval_rows.rows)  # the first n held-out rows, shared out among the ranks
         batches = [j for j in range(-(-n // bs)) if j % world == rank]
@@ -365,9 +386,7 @@ def train_loop(config: dict) -> None:
                 ce_s = fwd(x, y, mask, "ce", loss_w, {})["ce"]
                 sums[0] += float(ce_s) * y.numel()
                 if teacher_eval is None and teacher is not None:
-                    ht = teacher.model.model(input_ids=x, use_cache=False).last_hidden_state
-                    _, ce_t = kd_ce_loss(ht, teacher.model.lm_head.weight, mask, y, chunk_tokens=tc.kd_chunk_tokens)
-                    sums[1] += float(ce_t) * y.numel()
+                    sums[1] += nll_sum(teacher_head, body_hidden(teacher.model, x), y, tc.kd_chunk_tokens)
                 sums[2] += y.numel()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
@@ -395,7 +414,7 @@ def train_loop(config: dict) -> None:
         teach: dict = {}
         with torch.no_grad():
             if stage == "align":
-                teacher.model.model(input_ids=x, use_cache=False)
+                body_hidden(teacher.model, x)  # the taps record what align needs
                 inputs, outputs = taps.take()
                 teach = {"attn_inputs": {i: t.float() for i, t in inputs.items()},
                          "attn_outputs": {i: t.float() for i, t in outputs.items()}}
@@ -403,8 +422,7 @@ def train_loop(config: dict) -> None:
                 tid, tlog = topk_reader.take(rows)
                 teach = {"topk": TeacherTopK(torch.from_numpy(tid).to(device), torch.from_numpy(tlog).to(device))}
             elif stage == "kd":
-                teach = {"hidden": teacher.model.model(input_ids=x, use_cache=False).last_hidden_state,
-                         "head": teacher.model.lm_head.weight}
+                teach = {"hidden": body_hidden(teacher.model, x), "head": teacher_head}
         if tc.debug_fail_at_step is not None and step == tc.debug_fail_at_step and rank == 0:
             marker = os.path.join(out, ".debug_failed")
             if not os.path.exists(marker):
@@ -424,9 +442,8 @@ def train_loop(config: dict) -> None:
         parts["loss"].backward()
         if starts:  # they sit at their optimum for this batch: their gradient is rounding noise, not a step to take
             _unwrap(model).log_vars[stage].grad = None
-        if tc.grad_clip > 0:  # FSDP's own clip: the norm over every shard
-            (model.clip_grad_norm_(tc.grad_clip) if tc.strategy == "fsdp"
-             else torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        if tc.grad_clip > 0:
+            clip_grads(model, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += plan.tokens_per_step
@@ -459,7 +476,7 @@ def train_loop(config: dict) -> None:
                 if isinstance(v, (int, float)) and v is not None:
                     writer.add_scalar(f"train/{k}", v, step + 1)
         if (step + 1) % tc.checkpoint_every == 0 or last:
-            student_state, extra_state, optim_state = _full_state(model, opt, tc.strategy == "fsdp")
+            student_state, extra_state, optim_state = _full_state(model, opt)
             with tempfile.TemporaryDirectory() as tmp:
                 ck = None
                 if rank == 0:
@@ -506,6 +523,7 @@ def run_key(cfg, packed, plan: Plan) -> dict:
 
     return {"teacher": cfg.teacher, "data": packed.root, "plan": plan.__dict__, "num_workers": cfg.train.num_workers,
             "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "weighting": cfg.stages.weighting,
+            "strategy": cfg.train.strategy, "teacher_dtype": str(cfg.train.teacher_torch_dtype()).replace("torch.", ""),
             "student": to_dict(cfg.student),
             # auto: the log-variances start at each stage's log L and train at auto_lr (earlier: from 0, at lr)
             **({"auto": {"start": "log-terms", "lr": cfg.stages.auto_lr}} if cfg.stages.weighting == "auto" else {})}
@@ -528,7 +546,8 @@ def run_key_diff(old: Optional[dict], new: dict) -> str:
     o, n = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
     names = {"plan.tokens_per_step": "tokens per step", "data": "packed data (input, tokenizer, data.seq_len, "
              "data.eval_fraction, data.max_docs)", "num_workers": "train.num_workers", "batch_size": "train.batch_size",
-             "seed": "train.seed", "weighting": "stages.weighting", "teacher": "teacher"}
+             "seed": "train.seed", "weighting": "stages.weighting", "teacher": "teacher", "strategy": "train.strategy",
+             "teacher_dtype": "the teacher's dtype (train.teacher_dtype, train.use_gpu)"}
     return "; ".join(f"{names.get(k, k.replace('plan.steps.', 'steps of stage '))}: {o.get(k)!r} -> {n.get(k)!r}"
                      for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k))
 
@@ -550,20 +569,49 @@ def _check_rerun(out: str, key: dict) -> None:
                          f"{differs}. Use a new output directory, or restore those settings to resume it.")
 
 
+def check_student(cfg, teacher_cfg) -> None:
+    """Refuse, from the configs alone (before data or workers), a student the workers could not build or align:
+    a teacher the copy cannot carry (hybrid, init attention, stage align), a mamba2 shape that cannot work, or one
+    other than the teacher's where init attention or stage align needs the teacher's."""
+    from app.distill.init import teacher_dims
+    from app.distill.student import attention_layer_indices, check_carried, hybrid_config, student_config
+
+    sc = cfg.student
+    if sc.arch == "hybrid":
+        hybrid_config(teacher_cfg, attention_layer_indices(sc.attention_layers, teacher_dims(teacher_cfg)["layers"]))
+        return
+    scfg = student_config(teacher_cfg, sc.shape())
+    t = teacher_dims(teacher_cfg)
+    own = (scfg.hidden_size, scfg.num_hidden_layers) != (t["hidden"], t["layers"])
+    for needed, key, why in ((cfg.stages.align_tokens > 0, "stages.align_tokens", "must be 0"),
+                             (sc.init == "attention", "student.init", "must be random")):
+        if needed:
+            check_carried(teacher_cfg, f"{key}: the mamba2 student")
+            if own:
+                raise ValueError(f"{key} {why} for a mamba2 student of width {scfg.hidden_size} and depth "
+                                 f"{scfg.num_hidden_layers}: it needs the teacher's ({t['hidden']}, {t['layers']}) to "
+                                 "align each mixer with the teacher's layer / copy its weights")
+
+
 def prepare(cfg) -> Prepared:
-    """Data packed (cached), the plan, the memory estimate, a rerun's settings checked against the checkpoints it
-    would resume, the resolved config saved in the output directory, the top-k cache."""
+    """The student checked against the teacher's config, data packed (cached), the plan, the memory estimate, a
+    rerun's settings checked against the checkpoints it would resume, the resolved config saved in the output
+    directory, the top-k cache."""
     import yaml
 
     from app.config import to_dict
-    from app.distill.data import prepare_data
+    from app.distill.data import check_eval_split, prepare_data
     from app.models import load_model_config
 
     cfg = absolute_paths(cfg)
     out = cfg.output
+    teacher_cfg = load_model_config(cfg.teacher)
+    check_student(cfg, teacher_cfg)
     cache_dir = os.path.abspath(cfg.data.cache_dir or os.path.join(out, "cache"))
     packed = prepare_data(cfg.data, cfg.teacher, cache_dir)
     tc = cfg.train
+    if cfg.data.eval_fraction > 0:  # held-out evaluation asked for: it must have rows (FSDP: a batch per worker)
+        check_eval_split(packed, cfg.data, tc.batch_size * tc.num_workers if tc.strategy == "fsdp" else 1)
     if packed.train_rows < tc.batch_size:
         raise ValueError(f"{packed.train_rows} packed training rows of {cfg.data.seq_len + 1} tokens: fewer than one "
                          f"batch (train.batch_size {tc.batch_size}); more text or a shorter data.seq_len")
@@ -573,7 +621,6 @@ def prepare(cfg) -> Prepared:
     if tc.strategy == "fsdp" and cfg.stages.weighting == "auto":
         raise ValueError("stages.weighting: auto needs train.strategy: ddp (its log-variances are set in place at "
                          "each stage's start, which FSDP's flattened shards do not allow)")
-    teacher_cfg = load_model_config(cfg.teacher)
     if plan.steps["align"] and cfg.student.arch == "hybrid":
         from app.distill.student import attention_layer_indices
 

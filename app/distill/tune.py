@@ -162,6 +162,7 @@ def tune_distill(tcfg) -> dict:
     from ray.tune.search.optuna import OptunaSearch
 
     from app.config import to_dict
+    from app.distill.data import check_eval_split
     from app.distill.train import absolute_paths, prepare
 
     out = os.path.abspath(tcfg.output)
@@ -172,6 +173,7 @@ def tune_distill(tcfg) -> dict:
     with open(os.path.join(out, "tune_config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(tcfg), f, sort_keys=False)
     prep = prepare(base)  # pack the data and compute the top-k cache once, for every trial
+    check_eval_split(prep.packed, base.data)  # the metric is held-out perplexity: refused now, not in every trial
     total_steps = prep.plan.total
     concurrency = memory_concurrency(base, prep.teacher_cfg,
                                      trial_concurrency(tcfg.max_concurrent_trials, tcfg.distill.train),
