@@ -268,7 +268,8 @@ class ContinuousScheduler:
     def waiting(self) -> int:
         """Requests waiting for their first row to be admitted (a cancelled one no longer counts: it leaves the
         queue at the next step, if ``cancel`` has not taken it already)."""
-        return sum(q.status is Status.WAITING and not q.cancelled for q in list(self._waiting))
+        with self._cv:
+            return sum(q.status is Status.WAITING and not q.cancelled for q in self._waiting)
 
     def submit(self, rows: list[Row]) -> Request:
         """Queue ``rows`` (one request's; their sinks already set), from the event loop. Raises QueueFull at once
