@@ -57,7 +57,7 @@ def assert_families_closed(out: str) -> dict:
 def test_family_rows_name_the_kept_document_of_the_whole_family():
     """a kept; b a near duplicate of a; b1, b2 exact copies of b (b is their group's representative); e, e1 an
     exact group alone: the copies of b name a as representative, b as duplicate_of, in a's one cluster."""
-    from app.refine.components import family_answers, family_rows, labels_of
+    from app.refine.families import family_answers, family_rows, labels_of
 
     exact = pd.DataFrame({"id": ["b", "b1", "b2", "b", "e", "e1"], "exact_of": ["b", "b", "b", "b", "e", "e"]})
     roots = pd.DataFrame({"node": ["a", "b", "a"], "root": ["a", "a", "a"]})  # a's row from two star partitions
