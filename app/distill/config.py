@@ -59,9 +59,9 @@ class StudentConfig:
     conv_init: Literal["identity", "default"] = "identity"
     """The mixers' causal conv under init attention: identity (passes the projections on) or the layer's default."""
     hidden_size: Optional[int] = None
-    """mamba2: student width (null: the teacher's; set, it is a shape of its own: init random, stages.align_tokens 0)."""
+    """mamba2: student width (null: the teacher's; set, a shape of its own: init random, stages.align_tokens 0)."""
     num_layers: Optional[int] = None
-    """mamba2: student depth (null: the teacher's; set, it is a shape of its own: init random, stages.align_tokens 0)."""
+    """mamba2: student depth (null: the teacher's; set, a shape of its own: init random, stages.align_tokens 0)."""
     num_heads: Optional[int] = None
     """mamba2: SSM heads (null: the teacher's attention heads; hybrid: always the teacher's)."""
     head_dim: Optional[int] = None
