@@ -387,6 +387,8 @@ class ContinuousScheduler:
                     with torch.inference_mode():
                         self._execute(plan)
                     failures = 0
+                    if self._window.due():
+                        self._window.report()
                 except Exception as e:  # noqa: BLE001 - a bug here must not stop the replica's loop
                     failures += 1
                     log.exception("the decode loop failed (%d in a row); the requests running in it end with an "
@@ -394,8 +396,6 @@ class ContinuousScheduler:
                     self._finish_all(e)
                     if failures >= _MAX_FAILURES:
                         raise
-                if self._window.due():
-                    self._window.report()
         except BaseException as e:  # noqa: BLE001 - the loop stops: say so (check_health) and end what it held
             log.critical("the decode loop stopped; the replica reports unhealthy", exc_info=e)
             with self._cv:
