@@ -45,7 +45,7 @@ def measure(model, ids, decode: int) -> dict:
     import torch
     from transformers import DynamicCache
 
-    from app.distill.student import generation_cache
+    from app.caches import generation_cache
 
     cache = generation_cache(model) or DynamicCache(config=model.config)
     with torch.inference_mode():
