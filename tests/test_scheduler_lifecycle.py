@@ -156,8 +156,6 @@ def test_a_lone_request_and_a_burst_stay_within_the_prefill_and_cache_budgets(hy
     """A request alone with n=4 copies of a 12-token prompt and a 24-token prefill budget is prefilled 2 rows a
     step, never 4 x 12 in one forward; a burst of 4 requests under a cache budget of 2 rows decodes at most 2 rows
     at once. Every row still equals its own greedy generate."""
-    from app.serve.scheduler import batch_cache_bytes
-
     prompt = "the quick brown fox jumps over the lazy dog and a cat"
     sch = _scheduler(hybrid, max_prefill_tokens=24)
     fw = Forwards(hybrid.model)
@@ -172,6 +170,8 @@ def test_a_lone_request_and_a_burst_stay_within_the_prefill_and_cache_budgets(hy
     assert prefills and all(b * t <= 24 for b, t in prefills), prefills
     ref = reference(hybrid, rows[0].prompt_ids, 3)
     assert all((r.text, r.finish_reason, r.completion_tokens) == ref for r in rows)
+
+    from app.serve.scheduler import batch_cache_bytes
 
     probe = _scheduler(hybrid)
     probe.close()
