@@ -290,6 +290,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sets = [f"model={args.model}"] if args.model else []
     sets += [f"port={args.port}"] if args.port is not None else []
     sets += [f"host={args.host}"] if args.host is not None else []
+    sets += [f"model_name={args.served_model_name}"] if args.served_model_name else []
     if args.replicas is not None:
         sets += [f"deployment.replicas={args.replicas}", "deployment.autoscale.enabled=false"]
     if args.autoscale:
@@ -307,13 +308,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from app.raystart import init_ray
-    from app.serve.server import check_model, start
+    from app.serve.server import builder_api_key, check_model, start
 
     try:
         check_model(cfg.model)
-    except (FileNotFoundError, ModelLoadError) as e:
+        key = builder_api_key(cfg)  # an API beyond loopback without a key stops here, before Ray starts
+    except (FileNotFoundError, ModelLoadError, ValueError) as e:  # ValueError: APIKeyRequired, an empty key file
         print(f"serve: {e}", file=sys.stderr)
         return 2
+    if key is None and not cfg.api_key_file:
+        print(f"serve: warning: no API key ({cfg.api_key_env or 'api_key_env'} is not set here): the API is open to "
+              f"anyone who can reach {cfg.host}:{cfg.port}", file=sys.stderr)
     init_ray(args.address, args.num_cpus)
     try:
         url = start(cfg)
@@ -340,7 +345,10 @@ def _serve_args(sub) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL", help="save_pretrained dir, GGUF file, smollm2 or hub id "
                    "(default: the config's model)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
-    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1; anything wider wants an API key)")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1; any other address needs an API key: "
+                   "DISTILLERY_API_KEY set where this runs, or --set api_key_file=PATH)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model "
+                   "directory's name, or the hub id)")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")

@@ -380,15 +380,22 @@ def test_the_gate_counts_streamed_body_bytes_and_hides_internal_errors():
 
 def _serve(ray_local, student, root, scheduler):
     """``jobs/serve.py`` (= ``distillery serve``) in a subprocess joined to the test's Ray, as under ``ray job
-    submit``: the tiny student on 127.0.0.1 with small limits, the API key from a file (a mounted secret)."""
+    submit``: the tiny student on 127.0.0.1 with small limits. The API key: from a file (a mounted secret) for the
+    static server; for the continuous one only in the driver's environment (``DISTILLERY_API_KEY=... distillery
+    serve``), which the replicas, started by Serve's controller from this session's Ray, do not share."""
     (root / "key").write_text(KEY + "\n")
     (port,) = free_ports(1)
-    sets = [f"api_key_file={root / 'key'}", "model_name=tiny-student", "deployment.num_cpus=1",
+    by_env = scheduler == "continuous"
+    sets = [] if by_env else [f"api_key_file={root / 'key'}"]
+    sets += ["model_name=tiny-student", "deployment.num_cpus=1",
             "deployment.max_ongoing_requests=32", f"batch.scheduler={scheduler}", "batch.max_num_seqs=8",
             "batch.max_batch_size=8", "batch.batch_wait_timeout_s=0.05",
             "limits.max_prompt_tokens=40", "limits.max_tokens=32", "limits.default_max_tokens=12", "limits.max_n=4",
             "limits.max_body_bytes=4096"]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env.pop("DISTILLERY_API_KEY", None)
+    if by_env:
+        env["DISTILLERY_API_KEY"] = KEY
     log_path = root / "serve.log"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "serve.py"), student, "--port", str(port),
                              *[a for x in sets for a in ("--set", x)]],
@@ -434,6 +441,32 @@ def test_models_and_health(serving, client):
     assert {"running", "waiting", "tokens_per_s", "ttft_p50_s", "tpot_p50_s"} <= set(h.json())
     root = serving["url"][: -len("/v1")]
     assert requests.get(root + "/metrics", timeout=10).status_code == 401  # behind the key, as the API
+
+
+def test_openai_compatibility_over_http(serving, client):
+    """GET /v1/models/{id} (404 model_not_found for another id); no filesystem path in /v1/models; top_p 0 is
+    greedy; a stream says no-cache and no proxy buffering, and with include_usage each chunk has "usage": null."""
+    import json
+
+    import requests
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    one = requests.get(serving["url"] + "/models/tiny-student", headers=auth, timeout=10)
+    assert one.status_code == 200 and one.json()["id"] == "tiny-student" and one.json()["object"] == "model"
+    other = requests.get(serving["url"] + "/models/org/other", headers=auth, timeout=10)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    assert requests.get(serving["url"] + "/models/tiny-student", timeout=10).status_code == 401
+    listed = requests.get(serving["url"] + "/models", headers=auth, timeout=10).text
+    assert "/" not in listed, listed  # no path of the student
+    greedy = client.completions.create(model="tiny-student", prompt="the cat", max_tokens=6, temperature=0)
+    top0 = client.completions.create(model="tiny-student", prompt="the cat", max_tokens=6, temperature=1.5, top_p=0)
+    assert top0.choices[0].text == greedy.choices[0].text
+    r = requests.post(serving["url"] + "/completions", headers=auth, stream=True, timeout=30,
+                      json={**OK, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    events = [json.loads(x[len("data: "):]) for x in r.text.strip().split("\n\n") if x != "data: [DONE]"]
+    assert len(events) > 1 and all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["total_tokens"]
 
 
 def test_completions_greedy_streamed_and_not_equal_generate(client, hf):
@@ -495,7 +528,8 @@ CHAT = {"model": "tiny-student", "messages": [{"role": "user", "content": "the c
     ("/completions", {**OK, "max_tokens": 33}, KEY, 400, "max_tokens"),
     ("/completions", {**OK, "max_tokens": 0}, KEY, 400, "max_tokens"),
     ("/completions", {**OK, "temperature": 2.5}, KEY, 400, "temperature"),
-    ("/completions", {**OK, "top_p": 0}, KEY, 400, "top_p"),
+    ("/completions", {**OK, "top_p": 1.5}, KEY, 400, "top_p"),
+    ("/completions", {**OK, "top_p": -0.1}, KEY, 400, "top_p"),
     ("/completions", {**OK, "n": 5}, KEY, 400, "n"),
     ("/completions", {**OK, "prompt": ["the cat"] * 3, "n": 3}, KEY, 400, "n"),  # 9 sequences > a batch of 8
     ("/completions", {**OK, "stop": ["a", "b", "c", "d", "e"]}, KEY, 400, "stop"),

@@ -43,12 +43,23 @@ class DeploymentConfig:
     max_ongoing_requests: int = 128
     """Requests one replica takes at once (running, waiting in its queue, streaming); more wait at Serve's router.
     At least the batch's capacity (`batch.max_num_seqs`, or `batch.max_batch_size` with the static scheduler)."""
+    max_queued_requests: int = 256
+    """Requests waiting at Serve's router while every replica holds `max_ongoing_requests` (Serve's
+    `max_queued_requests`); more are refused at once with a 503 and `Retry-After` instead of queueing without
+    bound. -1: no bound."""
+    graceful_shutdown_timeout_s: float = 600.0
+    """A replica being stopped (downscale, redeploy, shutdown) takes no new requests and lets its running ones
+    (streams included) finish for up to this long before it is killed (Serve's default, 20 s, cuts long streams).
+    Make it at least `limits.max_tokens` / the slowest tokens/s a sequence gets."""
 
     def __post_init__(self) -> None:
         _check(self.replicas >= 1, "deployment.replicas", "must be >= 1")
         _check(self.num_cpus >= 0, "deployment.num_cpus", "must be >= 0")
         _check(self.num_gpus >= 0, "deployment.num_gpus", "must be >= 0")
         _check(self.max_ongoing_requests >= 1, "deployment.max_ongoing_requests", "must be >= 1")
+        _check(self.max_queued_requests == -1 or self.max_queued_requests >= 1, "deployment.max_queued_requests",
+               "must be >= 1, or -1 for no bound")
+        _check(self.graceful_shutdown_timeout_s >= 0, "deployment.graceful_shutdown_timeout_s", "must be >= 0")
 
 
 @dataclass
@@ -64,8 +75,9 @@ class BatchConfig:
     """continuous: the prompt tokens one step may prefill (rows x the longest admitted prompt); a request that
     is over it alone is still admitted, by itself."""
     max_waiting: int = 64
-    """continuous: requests waiting in the replica for a place (every request waits there until the next step);
-    more are refused at once with a 503 (code server_overloaded) instead of queueing without bound."""
+    """Requests waiting in the replica for a place in the running batch (continuous: every request waits there
+    until the next step) or for the next batch (static); more are refused at once with a 503 (code
+    server_overloaded, `Retry-After`) instead of queueing without bound."""
     max_batch_size: int = 32
     """static: sequences (requests x n) decoded together in one batch (Ray Serve @serve.batch). 1: no batching."""
     batch_wait_timeout_s: float = 0.05
@@ -115,24 +127,29 @@ class ServeConfig:
     """The model: a save_pretrained directory (the distilled student: `OUTPUT/student`), a GGUF file,
     `smollm2`, or a hub id. Any HF causal LM works."""
     model_name: Optional[str] = None
-    """The id clients send as `model` and /v1/models lists (null: the directory's or file's name)."""
+    """The id clients send as `model` and /v1/models lists (vLLM's `served_model_name`; null: the directory's or
+    GGUF file's name, or the hub id). The model's path is never shown to clients."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when the replica has a GPU."""
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     """Weights' dtype (null: bfloat16 on CUDA, float32 on CPU)."""
     host: str = "127.0.0.1"
-    """Address the HTTP proxy listens on. Keep 127.0.0.1 unless a gateway in front needs more, and then set an API key."""
+    """Address the HTTP proxy listens on. Keep 127.0.0.1 unless a gateway in front needs more: any other address
+    needs an API key (the server refuses to start without one)."""
     port: int = 8000
     """HTTP port."""
     route_prefix: str = "/"
     """The API lives under this prefix (/v1/... below it)."""
     api_key_env: Optional[str] = "DISTILLERY_API_KEY"
-    """When this environment variable is set on the replica's node, every /v1 request needs
-    `Authorization: Bearer <its value>` (401 otherwise). /health stays open."""
+    """When this environment variable is set where the server is started (`distillery serve`, `jobs/serve.py`, the
+    process that builds the app for `serve run` / `serve deploy`) or on a replica's node, every /v1 request needs
+    `Authorization: Bearer <its value>` (401 otherwise); the key is handed to every replica with its constructor
+    arguments, never in its config or environment. /health stays open."""
     api_key_file: Optional[str] = None
-    """Or read the key from this file (e.g. a mounted Kubernetes secret); it wins over `api_key_env`."""
+    """Or read the key from this file (e.g. a mounted Kubernetes secret), where the server is started or, when the
+    file is not there, on each replica's node; it wins over `api_key_env`."""
     require_api_key: bool = False
-    """Refuse to start without a key (for anything reachable beyond this machine)."""
+    """Refuse to start without a key. Implied by a `host` beyond loopback."""
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     """Replicas, autoscaling and resources per replica."""
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -149,7 +166,30 @@ class ServeConfig:
                f"must be >= {which} (a replica could never fill a batch)")
 
     @property
-    def served_name(self) -> str:
-        import os
+    def exposed(self) -> bool:
+        """Whether `host` reaches beyond this machine (anything but a loopback address or localhost)."""
+        import ipaddress
 
-        return self.model_name or os.path.basename(os.path.normpath(self.model)) or self.model
+        if self.host.strip().lower() == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return True
+
+    @property
+    def needs_api_key(self) -> bool:
+        return self.require_api_key or self.exposed
+
+    @property
+    def served_name(self) -> str:
+        """The model's id in the API: `model_name`, else the directory's or file's name, or the hub id (a reference
+        that is not a path here). Never a filesystem path."""
+        import os
+        import re
+
+        if self.model_name:
+            return self.model_name
+        if not os.path.exists(self.model) and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", self.model):
+            return self.model  # a hub id (org/name) is its own name
+        return os.path.basename(os.path.normpath(self.model)) or self.model

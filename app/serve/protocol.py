@@ -112,8 +112,10 @@ def sampling(req: _Request, limits: LimitsConfig, default_max_tokens: int, max_t
     if not 0.0 <= t <= 2.0:  # NaN fails this too; below generate.MIN_TEMPERATURE the row is greedy
         raise APIError(400, f"temperature must be between 0 and 2, got {t}", param="temperature")
     p = 1.0 if req.top_p is None else req.top_p
-    if not 0.0 < p <= 1.0:
-        raise APIError(400, f"top_p must be in (0, 1], got {p}", param="top_p")
+    if not 0.0 <= p <= 1.0:
+        raise APIError(400, f"top_p must be between 0 and 1, got {p}", param="top_p")
+    if p == 0.0:  # OpenAI takes 0: a nucleus of the one most likely token, which is greedy decoding
+        t, p = 0.0, 1.0
     n = 1 if req.n is None else req.n
     if not 1 <= n <= limits.max_n:
         raise APIError(400, f"n must be between 1 and {limits.max_n}, got {n}", param="n")
@@ -127,6 +129,28 @@ def sampling(req: _Request, limits: LimitsConfig, default_max_tokens: int, max_t
         raise APIError(400, f"seed must be a 64-bit signed integer ({INT64_MIN}..{INT64_MAX})", param="seed")
     return SamplingParams(max_tokens=mt, temperature=t, top_p=p, stop=tuple(stop), seed=req.seed,
                           ignore_eos=bool(req.ignore_eos))
+
+
+def fit_context(prompt_tokens: int, max_tokens: int, *, explicit: bool, context: Optional[int],
+                param: str = "prompt") -> int:
+    """``max_tokens`` for a request whose longest prompt has ``prompt_tokens`` tokens, in a model of ``context``
+    positions (None: no limit, a pure SSM). Each sequence (prompt + completion) must fit: an explicit
+    ``max_tokens`` that does not is a 400, as vLLM and OpenAI answer; a default one (the request left it out) is
+    cut to what the context has left. A prompt that leaves no room for one token is a 400 either way."""
+    if context is None:
+        return max_tokens
+    if prompt_tokens >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, your request has "
+                       f"{prompt_tokens} prompt tokens, which leaves no room for a completion. Please reduce the "
+                       "length of the prompt.", param=param, code="context_length_exceeded")
+    if prompt_tokens + max_tokens <= context:
+        return max_tokens
+    if not explicit:
+        return context - prompt_tokens
+    raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
+                   "completion). Please reduce the length of the prompt or max_tokens.", param="max_tokens",
+                   code="context_length_exceeded")
 
 
 def choices_per_prompt(req: _Request) -> int:
@@ -199,14 +223,27 @@ def chat_choice(index: int, text: str, finish: Optional[str]) -> dict:
             "finish_reason": finish}
 
 
-def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish: Optional[str]) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [completion_choice(index, text, finish)]}
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish: Optional[str],
+                     include_usage: bool = False) -> dict:
+    """One streamed piece of a completion; with ``include_usage`` it says ``"usage": null`` (the last chunk,
+    ``usage_chunk``, carries the usage), as OpenAI's stream does."""
+    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+           "choices": [completion_choice(index, text, finish)]}
+    return {**out, "usage": None} if include_usage else out
 
 
-def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish: Optional[str]) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish: Optional[str],
+               include_usage: bool = False) -> dict:
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return {**out, "usage": None} if include_usage else out
+
+
+def model_card(name: str, created: int, context: Optional[int], max_prompt_tokens: int) -> dict:
+    """One entry of /v1/models (and /v1/models/{id}): the served name only, never where the weights are;
+    ``max_model_len`` as vLLM gives it (null: no limit of the model's own)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "distillery", "root": name,
+            "parent": None, "max_model_len": context, "max_prompt_tokens": max_prompt_tokens}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict) -> dict:

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server: a Ray Serve deployment with a FastAPI ingress.
 
     POST /v1/completions        POST /v1/chat/completions   (both: ``"stream": true`` for server-sent events)
-    GET  /v1/models             GET  /health                GET  /metrics (Prometheus text)
+    GET  /v1/models             GET  /v1/models/{id}        GET  /health        GET  /metrics (Prometheus text)
 
 Requests are batched by one of two schedulers (``batch.scheduler``). ``continuous``: the replica's decode loop
 (``scheduler.ContinuousScheduler``) admits requests into the running batch at every step and retires each row as
@@ -12,16 +12,20 @@ or its text as it comes.
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 a value the server cannot
 honour, 401 a missing or wrong API key, 404 an unknown model or route, 413 a body over ``limits.max_body_bytes``,
 422 a body that does not fit the schema, 500 a failure while generating, 503 the replica's queue is full
-(``batch.max_waiting``; with ``Retry-After``); the replica carries on after each.
+(``batch.max_waiting``, either scheduler; with ``Retry-After``; Serve's router answers 503 too past
+``deployment.max_queued_requests``); the replica carries on after each.
 A 500 says only that generation failed, with the request's id; what failed goes to the replica's log.
 
 One request cannot fail or stall the others: its values are checked before it joins a batch (seed, temperature,
-stop strings, counts before any tokenizing, which runs off the event loop), a row that fails in the batch ends
+stop strings, counts before any tokenizing, which runs off the event loop; each prompt + ``max_tokens`` against
+the model's context, ``model_context``), a row that fails in the batch ends
 only its own request (``generate``), and a request whose client went away (streaming or not: Serve cancels it)
 has its rows stopped at the next step.
 
 Start it with ``distillery serve MODEL`` (``start`` below), ``serve run cluster/serve.yaml`` (``build_app``) or
-``ray job submit -- python jobs/serve.py``.
+``ray job submit -- python jobs/serve.py``. The API key is read where the app is built (``application``) and handed
+to every replica as a constructor argument, so a replica on a node without the key's variable still requires it;
+an app whose host reaches beyond loopback is not built without a key (``APIKeyRequired``).
 """
 
 from __future__ import annotations
@@ -147,6 +151,18 @@ def _too_large(size: str, limit: int) -> dict:
 api.add_middleware(Gate)
 
 
+class APIKeyRequired(ValueError):
+    """The API would be reachable beyond loopback (or ``require_api_key`` is set) and no key was given."""
+
+
+@dataclass(frozen=True)
+class APIKey:
+    """The API key on its way from where the app is built to the replicas (a constructor argument, pickled with the
+    deployment): its repr hides it, so a log line or ``serve status`` that prints arguments shows no key."""
+
+    value: str = dataclasses.field(repr=False)
+
+
 def read_api_key(cfg: ServeConfig) -> Optional[str]:
     """The API key from ``api_key_file`` or the ``api_key_env`` variable (None: no key, the API is open)."""
     if cfg.api_key_file:
@@ -159,17 +175,49 @@ def read_api_key(cfg: ServeConfig) -> Optional[str]:
     return key or None
 
 
+def builder_api_key(cfg: ServeConfig) -> Optional[APIKey]:
+    """The key where the app is built (the driver of ``distillery serve`` / ``jobs/serve.py``, or the build task of
+    ``serve run`` / ``serve deploy``), to hand to every replica. An ``api_key_file`` that is not on this machine is
+    left to the replicas (mounted where they run; a replica without it fails to start). Refuses
+    (``APIKeyRequired``) an API that needs a key (``cfg.needs_api_key``: a host beyond loopback, or
+    ``require_api_key``) when none is given."""
+    file_elsewhere = bool(cfg.api_key_file) and not os.path.exists(cfg.api_key_file)
+    key = None if file_elsewhere else read_api_key(cfg)
+    if cfg.needs_api_key and key is None and not file_elsewhere:
+        why = f"host {cfg.host} reaches beyond this machine" if cfg.exposed else "require_api_key is set"
+        raise APIKeyRequired(f"{why}, and no API key was given: set {cfg.api_key_env or 'api_key_env'} in this "
+                             "environment or api_key_file (a file holding the key), or keep host 127.0.0.1")
+    return APIKey(key) if key else None
+
+
+def model_context(config: Any) -> Optional[int]:
+    """The positions a model can attend over (prompt + completion), from its config as vLLM derives its
+    max_model_len: the smallest of the length fields it has (``max_position_embeddings``, GPT-2's ``n_positions``,
+    ...); None for a model with none of them (a pure SSM such as Mamba-2: its state has no length limit)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = [getattr(text, k, None) for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                                              "max_sequence_length", "max_seq_length", "seq_len")]
+    found = [int(v) for v in found if isinstance(v, int) and v > 0]
+    return min(found) if found else None
+
+
 @dataclass
 class Job:
-    """One request's rows, as one item of a static batch."""
+    """One request's rows, as one item of a static batch; it holds a place among the replica's waiting requests
+    (``batch.max_waiting``) from ``_submit`` until its batch starts or it ends without one (``Replica._unqueue``)."""
 
     rows: list[Row]
     t_arrival: float
     started: bool = False
+    queued: bool = True
 
 
 def _rows_in(jobs: list[Job]) -> int:
     return sum(len(j.rows) for j in jobs)
+
+
+# on every stream: no cache may keep it, no proxy (nginx) may buffer it
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _sse(obj: Union[dict, str]) -> str:
@@ -210,20 +258,25 @@ class Replica:
     ``Engine.run`` on a worker thread (static). (``StudentServer`` below is this class as a Serve deployment;
     ``engine`` lets a test give its own.)"""
 
-    def __init__(self, config: dict, engine: Optional[Engine] = None):
+    def __init__(self, config: dict, engine: Optional[Engine] = None, api_key: Optional[APIKey] = None):
         from app.config import _build
 
         if engine is None:  # in a Serve replica
             pin_replica_grpc()
         self.cfg: ServeConfig = _build(ServeConfig, config)
-        key = read_api_key(self.cfg)
-        if self.cfg.require_api_key and not key:
-            raise RuntimeError(f"require_api_key is set but no key was found (api_key_file "
+        key = api_key.value if api_key is not None else read_api_key(self.cfg)  # handed over, or this node's
+        if self.cfg.needs_api_key and not key:
+            raise RuntimeError(f"an API key is required (host {self.cfg.host}, require_api_key "
+                               f"{self.cfg.require_api_key}) but none was given or found (api_key_file "
                                f"{self.cfg.api_key_file!r}, environment variable {self.cfg.api_key_env!r})")
+        if not key:
+            log.warning("no API key: every /v1 request is served without authentication (set %s where the server "
+                        "starts, or api_key_file)", self.cfg.api_key_env or "api_key_env")
         api.state.api_key = key
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
         self.engine = engine or Engine.load(self.cfg.model, self.cfg.device, self.cfg.dtype)
         self.name = self.cfg.served_name
+        self.context = model_context(self.engine.model.config)  # prompt + completion, per sequence (None: no limit)
         self.created = int(time.time())
         # ids a prompt may hold: known to the tokenizer and inside the embedding (either may be padded)
         self.vocab = min(len(self.engine.tok), self.engine.model.get_input_embeddings().num_embeddings)
@@ -278,11 +331,17 @@ class Replica:
 
         return Response(self.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
+    def _card(self) -> dict:
+        return P.model_card(self.name, self.created, self.context, self.cfg.limits.max_prompt_tokens)
+
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "distillery", "root": self.cfg.model,
-                                            "max_prompt_tokens": self.cfg.limits.max_prompt_tokens}]}
+        return {"object": "list", "data": [self._card()]}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str) -> dict:
+        self._check_model(model)
+        return self._card()
 
     @api.post("/v1/completions")
     async def completions(self, req: P.CompletionRequest):
@@ -292,6 +351,7 @@ class Replica:
         prompts = P.completion_prompts(req)
         self._check_count(len(prompts), req)  # before any tokenizing
         ids = await asyncio.to_thread(self._encode, prompts, params.stop)  # off the event loop
+        params = self._fit_context(ids, params, req.max_tokens is not None, "prompt")
         return await self._answer(req, ids, params, chat=False)
 
     @api.post("/v1/chat/completions")
@@ -301,10 +361,12 @@ class Replica:
         if not self.engine.has_chat_template:
             raise P.APIError(400, f"model {self.name} has no chat template: use /v1/completions", param="messages",
                              code="no_chat_template")
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = P.sampling(req, self.cfg.limits, min(self.cfg.limits.default_max_tokens, self.cfg.limits.max_tokens),
-                            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
+                            asked)
         self._check_count(1, req)
         ids = await asyncio.to_thread(self._encode_chat, P.chat_messages(req), params.stop)
+        params = self._fit_context([ids], params, asked is not None, "messages")
         return await self._answer(req, [ids], params, chat=True)
 
     # -- helpers
@@ -318,6 +380,13 @@ class Replica:
         n, most = P.choices_per_prompt(req), self.cfg.batch.capacity
         if prompts * n > most:
             raise P.APIError(400, f"{prompts} prompts x n={n} sequences is more than a batch holds ({most})", param="n")
+
+    def _fit_context(self, prompts: list[list[int]], params, explicit: bool, param: str):
+        """``params`` with each prompt + ``max_tokens`` inside the model's context (``P.fit_context``): before the
+        request joins a batch, where a sequence past the model's positions would fail every row beside it."""
+        mt = P.fit_context(max(len(p) for p in prompts), params.max_tokens, explicit=explicit, context=self.context,
+                           param=param)
+        return params if mt == params.max_tokens else dataclasses.replace(params, max_tokens=mt)
 
     def _check_length(self, ids: list[int], param: str = "prompt") -> list[int]:
         limit = self.cfg.limits.max_prompt_tokens
@@ -380,10 +449,12 @@ class Replica:
             for i, r in enumerate(rows):  # called on the engine's thread: hand each delta to this loop
                 r.sink = lambda delta, finish, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, delta, finish))
         ticket = self._submit(rows)  # a full queue is refused here, before any response starts
-        if req.stream:
-            return StreamingResponse(self._stream(rows, ticket, events, rid, created, prompt_tokens, chat,
+        if req.stream:  # the rows go now, whether or not the client reads the stream; their place is freed either way
+            task = asyncio.ensure_future(self._wait(rows, ticket))
+            task.add_done_callback(lambda _: self._release(ticket))
+            return StreamingResponse(self._stream(rows, task, events, rid, created, prompt_tokens, chat,
                                                   bool(req.stream_options and req.stream_options.include_usage)),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
         try:
             await self._wait(rows, ticket)
         except asyncio.CancelledError:  # the client went away (Serve cancels the request): stop its rows
@@ -403,38 +474,53 @@ class Replica:
                             [P.completion_choice(i, r.text, r.finish_reason) for i, r in enumerate(rows)], use)
 
     def _submit(self, rows: list[Row]) -> Any:
-        """Continuous: queue the rows now (503 when the replica's queue is full); static: nothing yet (None)."""
-        if self.scheduler is None:
-            return None
+        """Take the request, or refuse it at once with a 503 when ``batch.max_waiting`` requests already wait:
+        continuous, the rows are queued in the scheduler now (its ticket); static, a ``Job`` that holds a waiting
+        place until its batch starts (``_wait``)."""
         try:
-            return self.scheduler.submit(rows)
+            if self.scheduler is not None:
+                return self.scheduler.submit(rows)
+            waiting = self._static["waiting"]
+            if waiting >= self.cfg.batch.max_waiting:
+                self.metrics.rejected()
+                raise QueueFull(f"{waiting} requests are waiting for a batch (batch.max_waiting)")
+            self._static["waiting"] += 1
+            return Job(rows, time.perf_counter())
         except QueueFull as e:
             raise P.APIError(503, f"the server is overloaded ({e}); retry later", type="server_error",
                              code="server_overloaded", headers={"Retry-After": "1"}) from e
 
+    def _unqueue(self, job: Job) -> None:
+        """``job`` no longer waits for a batch (its batch started, or it ended without one): free its place."""
+        if job.queued:
+            job.queued = False
+            self._static["waiting"] -= 1
+
+    def _release(self, ticket: Any) -> None:
+        if isinstance(ticket, Job):
+            self._unqueue(ticket)
+
     async def _wait(self, rows: list[Row], ticket: Any) -> None:
         """Until every row has ended: the continuous scheduler's ticket, or a static batch."""
-        if ticket is not None:
+        if not isinstance(ticket, Job):
             await self.scheduler.wait(ticket)
             return
-        job = Job(rows, time.perf_counter())
-        self._static["waiting"] += 1
         try:
-            await self._batch(job)
-        finally:
-            if not job.started:  # cancelled while it waited for a batch
-                self._static["waiting"] -= 1
+            await self._batch(ticket)
+        finally:  # cancelled (its client went away) or failed before its batch took it
+            self._unqueue(ticket)
 
-    async def _stream(self, rows: list[Row], ticket: Any, events: asyncio.Queue, rid: str, created: int,
+    async def _stream(self, rows: list[Row], task: asyncio.Future, events: asyncio.Queue, rid: str, created: int,
                       prompt_tokens: int, chat: bool, include_usage: bool):
-        """Server-sent events of ``rows`` as they decode. A failure (a row of this request, or the batch) sends
-        one error event and ends the stream there: no usage chunk, no ``[DONE]``."""
-        task = asyncio.ensure_future(self._wait(rows, ticket))
+        """Server-sent events of ``rows`` as they decode (``task``: their ``_wait``). A failure (a row of this
+        request, or the batch) sends one error event and ends the stream there: no usage chunk, no ``[DONE]``.
+        With ``include_usage`` every chunk says ``"usage": null`` and a last one, before ``[DONE]``, has it."""
         task.add_done_callback(lambda t: events.put_nowait(("end", None if t.cancelled() else t.exception(), None)))
         try:
             if chat:
                 for i in range(len(rows)):
-                    yield _sse(P.chat_chunk(rid, self.name, created, i, {"role": "assistant", "content": ""}, None))
+                    yield _sse(P.chat_chunk(rid, self.name, created, i, {"role": "assistant", "content": ""}, None,
+                                            include_usage))
             while True:
                 i, delta, finish = await events.get()
                 if i == "end":
@@ -447,18 +533,20 @@ class Replica:
                     return
                 if chat:
                     if delta:
-                        yield _sse(P.chat_chunk(rid, self.name, created, i, {"content": delta}, None))
+                        yield _sse(P.chat_chunk(rid, self.name, created, i, {"content": delta}, None, include_usage))
                     if finish is not None:
-                        yield _sse(P.chat_chunk(rid, self.name, created, i, {}, finish))
+                        yield _sse(P.chat_chunk(rid, self.name, created, i, {}, finish, include_usage))
                 else:
-                    yield _sse(P.completion_chunk(rid, self.name, created, i, delta, finish))
+                    yield _sse(P.completion_chunk(rid, self.name, created, i, delta, finish, include_usage))
             if include_usage:
                 yield _sse(P.usage_chunk(rid, self.name, created, "chat.completion.chunk" if chat else "text_completion",
                                          P.usage(prompt_tokens, sum(r.completion_tokens for r in rows))))
             yield _sse("[DONE]")
-        finally:  # the client went away, a row failed, or all is done: stop this request's rows at the next step
-            for r in rows:
+        finally:  # the client went away, a row failed, or all is done: stop this request's rows at the next step,
+            for r in rows:  # and take it off the queue if it still waits there
                 r.cancelled = True
+            if not task.done():
+                task.cancel()
 
     @staticmethod
     def _new_window() -> dict:
@@ -471,7 +559,7 @@ class Replica:
         t0 = time.perf_counter()
         for j in jobs:
             j.started = True
-        self._static["waiting"] -= len(jobs)
+            self._unqueue(j)
         self._static["running"] += len(rows)
         try:
             await asyncio.to_thread(self.engine.run, rows)
@@ -508,10 +596,17 @@ StudentServer = serve.deployment(name="StudentServer")(serve.ingress(api)(Replic
 
 
 def application(cfg: ServeConfig):
-    """The bound Serve application for ``cfg`` (replicas or autoscaling, resources per replica)."""
+    """The bound Serve application for ``cfg`` (replicas or autoscaling, resources per replica, Serve's queue bound
+    and graceful shutdown). The API key is read here (``builder_api_key``: refused when the API needs one and has
+    none) and bound as each replica's constructor argument; the served name is fixed here too, so every replica
+    answers to the same one."""
+    key = builder_api_key(cfg)
     d = cfg.deployment
     opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
-                            "max_ongoing_requests": d.max_ongoing_requests}
+                            "max_ongoing_requests": d.max_ongoing_requests,
+                            "max_queued_requests": d.max_queued_requests,
+                            "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+                            "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s}
     if d.autoscale.enabled:
         a = d.autoscale
         opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -520,7 +615,8 @@ def application(cfg: ServeConfig):
                                       "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
     else:
         opts["num_replicas"] = d.replicas
-    return StudentServer.options(**opts).bind(dataclasses.asdict(cfg))
+    named = dataclasses.replace(cfg, model_name=cfg.served_name)
+    return StudentServer.options(**opts).bind(dataclasses.asdict(named), api_key=key)
 
 
 def build_app(args: dict):
@@ -546,6 +642,7 @@ def start(cfg: ServeConfig) -> str:
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the model (Ray must be up); returns the API's
     base URL once every replica is ready."""
     check_model(cfg.model)
+    app = application(cfg)  # before anything listens: an exposed API without a key is refused here
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(application(cfg), name=APP_NAME, route_prefix=cfg.route_prefix, blocking=False)
+    serve.run(app, name=APP_NAME, route_prefix=cfg.route_prefix, blocking=False)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
