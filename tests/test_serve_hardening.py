@@ -169,13 +169,13 @@ def test_the_static_scheduler_sheds_load_with_503(student, make_replica):
     and the replica's waiting count returns to 0 (a refused or cancelled request holds no place)."""
     from app.serve import protocol as P
 
-    rep = make_replica(student, "static", step_s=0.01, batch={"max_batch_size": 1, "max_waiting": 2},
+    rep = make_replica(student, "static", step_s=0.02, batch={"max_batch_size": 1, "max_waiting": 2},
                        limits={"max_tokens": 400})
     seen = []
 
     async def go():
         async def one(i):
-            req = P.CompletionRequest(model="t", prompt="the cat", max_tokens=20, temperature=0, ignore_eos=True,
+            req = P.CompletionRequest(model="t", prompt="the cat", max_tokens=30, temperature=0, ignore_eos=True,
                                       stream=i % 2 == 1)
             status, body, headers = await _settle(rep.completions(req))
             if status == 200 and req.stream:
