@@ -437,8 +437,8 @@ def _delta_args(sub) -> None:
     p.set_defaults(fn=cmd_delta)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``distillery`` command line (the jobs/ entry points parse theirs with it too)."""
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("refine", help="dedup + quality-filter a corpus (the refine job)")
@@ -458,7 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     _tune_args(sub)
     _scaling_args(sub)
     _serve_args(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 
