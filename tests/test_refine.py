@@ -270,68 +270,124 @@ def _env():
     return env
 
 
-def test_local_cluster_with_token_auth_survives_a_lost_worker_node(corpus, run1, tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
     """``make cluster-up``'s cluster (cluster/local.py: a head without CPUs and 2 worker nodes on 127.0.0.1, token
-    auth on), then ``ray job submit -- python jobs/refine.py``; once the first of its 4 pass-1 units is done,
-    ``cluster/local.py kill-worker`` kills one worker node (every process, SIGKILL) while the other works on. The
-    job still succeeds, with the output of one undisturbed node (``run1``) and its accounting; a client without
-    the token is refused."""
-    import json
+    auth on); the client environment ``env`` prints. Each one is new, so its first job meets a new package."""
     import subprocess
     import sys
 
     bin_dir = os.path.dirname(sys.executable)
-    ray_cli = os.path.join(bin_dir, "ray")
-    state = str(tmp_path / "cluster")
+    state = str(tmp_path_factory.mktemp("cluster") / "state")
     port, dash = free_ports(2)
     local = [sys.executable, os.path.join(REPO, "cluster", "local.py")]
     up = subprocess.run([*local, "up", "--state", state, "--workers", "2", "--head-cpus", "0", "--port", str(port),
                          "--dashboard-port", str(dash)], capture_output=True, text=True, timeout=400, env=_env())
-    out = os.path.join(corpus["root"], "out-job")
     try:
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
         env = _env()
         env.update(line[len("export "):].split("=", 1) for line in up.stdout.splitlines() if line.startswith("export "))
         env["PATH"] = bin_dir + os.pathsep + env["PATH"]
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ADDRESS"] == f"http://127.0.0.1:{dash}"
-        anon = subprocess.run([ray_cli, "job", "list", f"--address=http://127.0.0.1:{dash}"], capture_output=True,
-                              text=True, timeout=120, env={**_env(), "PATH": env["PATH"]})
-        assert anon.returncode != 0 and "token" in anon.stdout + anon.stderr
-
-        def alive():
-            nodes = subprocess.run([ray_cli, "list", "nodes", "--format=json", "--filter", "state=ALIVE"],
-                                   capture_output=True, text=True, timeout=120, env=env)
-            return [n["node_ip"] for n in json.loads(nodes.stdout)]
-
-        ips = alive()
-        assert len(ips) == 3 and all(ip == "127.0.0.1" for ip in ips), ips
-        cmd = [ray_cli, "job", "submit", "--working-dir", REPO, "--",
-               "python", "jobs/refine.py", "--input", corpus["input"], "--output", out,
-               "--set", f"io.max_doc_bytes={corpus['max_doc_bytes']}", "--set", "dedup.num_partitions=3",
-               "--set", NO_MODELS[0], "--set", NO_MODELS[1], "--set", "io.checkpoint_bytes=1"]
-        first_unit = os.path.join(out, "_work", "done", "ingest-g00000.json")
-        for _ in range(30):  # the job agent comes up a little after the nodes
-            job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            deadline = time.time() + 300
-            while not os.path.exists(first_unit) and job.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
-            if os.path.exists(first_unit) or job.poll() is None:
-                break
-            stdout, stderr = job.communicate()
-            assert "No available agent" in stderr, stdout[-3000:] + stderr[-3000:]
-            time.sleep(2)
-        assert os.path.exists(first_unit), "the job made no progress"
-        kill = subprocess.run([*local, "kill-worker", "--state", state], capture_output=True, text=True, timeout=120)
-        assert kill.returncode == 0, kill.stderr[-2000:]
-        assert not os.path.exists(os.path.join(out, "report.json"))  # the node died mid-run
-        stdout, stderr = job.communicate(timeout=600)
-        assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
-        assert "succeeded" in (stdout + stderr).lower()
-        assert f"report: {out}/report.html" in stdout
-        assert len(alive()) == 2
+        yield {"env": env, "local": local, "state": state, "dash": dash, "ray": os.path.join(bin_dir, "ray")}
     finally:
         down = subprocess.run([*local, "down", "--state", state], capture_output=True, text=True, timeout=180)
-    assert down.returncode == 0 and not os.path.exists(os.path.join(state, "cluster.json"))
+        assert down.returncode == 0 and not os.path.exists(os.path.join(state, "cluster.json")), down.stderr[-2000:]
+
+
+def _submit_cmd(cluster, args):
+    return [cluster["ray"], "job", "submit", "--working-dir", REPO, "--", "python", "jobs/refine.py", *args]
+
+
+def submit(cluster, args, timeout=600):
+    """``ray job submit --working-dir REPO -- python jobs/refine.py ARGS`` to the end: (returncode, its output)."""
+    import subprocess
+
+    for _ in range(30):  # the job agent comes up a little after the nodes
+        job = subprocess.run(_submit_cmd(cluster, args), capture_output=True, text=True, timeout=timeout,
+                             env=cluster["env"])
+        if "No available agent" not in job.stderr:
+            return job.returncode, job.stdout + job.stderr
+        time.sleep(2)
+    raise AssertionError("the job agent never came up: " + job.stderr[-2000:])
+
+
+def test_refine_job_on_a_cluster_with_the_model_steps_on(cluster, corpus, tmp_path):
+    """``ray job submit -- python jobs/refine.py`` with toxicity on (auto: the offline model here) and perplexity off,
+    then with both on (perplexity under a tiny Llama built here).
+
+    A job's driver starts inside the job's unpacked package; Ray unpacks it again (rmtree, then the same path) when
+    the job's runtime env is first created on the driver's node, which left the driver in a deleted directory. Its
+    first ``import torch`` (the toxicity backend's choice) then exited with "Intel oneMKL FATAL ERROR: Cannot load
+    libtorch_cpu.so" (MKL calls ``getcwd()`` when libtorch_cpu loads). This is the cluster's first job, so it
+    meets the re-unpack."""
+    import json
+
+    from tests.tiny_models import tiny_llama
+
+    base = ["--input", corpus["input"], "--set", f"io.max_doc_bytes={corpus['max_doc_bytes']}",
+            "--set", "dedup.num_partitions=3"]
+    out = os.path.join(corpus["root"], "out-job-toxicity")
+    rc, log = submit(cluster, [*base, "--output", out, "--set", "perplexity.enabled=false"])
+    assert rc == 0 and "oneMKL" not in log, log[-4000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["accounting"]["ok"] and report["counts"]["input"] == len(corpus["docs"]) + corpus["n_bad"]
+    assert report["toxicity"]["available"] and report["toxicity"]["backend"] == "profanity_check"
+    assert not report["perplexity"]["available"]
+
+    model = tiny_llama(str(tmp_path / "lm"))
+    out = os.path.join(corpus["root"], "out-job-models")
+    rc, log = submit(cluster, [*base, "--output", out, "--set", f"perplexity.model={model}",
+                               "--set", "perplexity.max_tokens=64"])
+    assert rc == 0, log[-4000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["accounting"]["ok"] and report["perplexity"]["available"] and report["toxicity"]["available"]
+
+
+def test_local_cluster_with_token_auth_survives_a_lost_worker_node(cluster, corpus, run1):
+    """On the same cluster, ``ray job submit -- python jobs/refine.py`` with the model steps off; once the first of
+    its 4 pass-1 units is done, ``cluster/local.py kill-worker`` kills one worker node (every process, SIGKILL)
+    while the other works on. The job still succeeds, with the output of one undisturbed node (``run1``) and its
+    accounting; a client without the token is refused. (It kills a node: it runs last.)"""
+    import json
+    import subprocess
+
+    env, local, state, ray_cli = cluster["env"], cluster["local"], cluster["state"], cluster["ray"]
+    out = os.path.join(corpus["root"], "out-job")
+    anon = subprocess.run([ray_cli, "job", "list", f"--address=http://127.0.0.1:{cluster['dash']}"],
+                          capture_output=True, text=True, timeout=120, env={**_env(), "PATH": env["PATH"]})
+    assert anon.returncode != 0 and "token" in anon.stdout + anon.stderr
+
+    def alive():
+        nodes = subprocess.run([ray_cli, "list", "nodes", "--format=json", "--filter", "state=ALIVE"],
+                               capture_output=True, text=True, timeout=120, env=env)
+        return [n["node_ip"] for n in json.loads(nodes.stdout)]
+
+    ips = alive()
+    assert len(ips) == 3 and all(ip == "127.0.0.1" for ip in ips), ips
+    cmd = _submit_cmd(cluster, ["--input", corpus["input"], "--output", out,
+                                "--set", f"io.max_doc_bytes={corpus['max_doc_bytes']}", "--set", "dedup.num_partitions=3",
+                                "--set", NO_MODELS[0], "--set", NO_MODELS[1], "--set", "io.checkpoint_bytes=1"])
+    first_unit = os.path.join(out, "_work", "done", "ingest-g00000.json")
+    for _ in range(30):  # the job agent comes up a little after the nodes
+        job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 300
+        while not os.path.exists(first_unit) and job.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        if os.path.exists(first_unit) or job.poll() is None:
+            break
+        stdout, stderr = job.communicate()
+        assert "No available agent" in stderr, stdout[-3000:] + stderr[-3000:]
+        time.sleep(2)
+    assert os.path.exists(first_unit), "the job made no progress"
+    kill = subprocess.run([*local, "kill-worker", "--state", state], capture_output=True, text=True, timeout=120)
+    assert kill.returncode == 0, kill.stderr[-2000:]
+    assert not os.path.exists(os.path.join(out, "report.json"))  # the node died mid-run
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "succeeded" in (stdout + stderr).lower()
+    assert f"report: {out}/report.html" in stdout
+    assert len(alive()) == 2
     assert canonical(out) == canonical(run1[0])
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["accounting"]["ok"] and report["counts"] == run1[1]["counts"]
