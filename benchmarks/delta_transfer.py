@@ -214,7 +214,7 @@ def main() -> None:
 
     import ray
 
-    from app.delta.transfer import TransferOptions, _score_adapter, bpb, eval_rows, load_windows, run_transfer
+    from app.delta.transfer import TransferOptions, _score_adapter, bpb, eval_scores, run_transfer
     from app.raystart import init_ray
 
     lic, desc = texts_by_kind()
@@ -243,13 +243,12 @@ def main() -> None:
                                opts=opts).report
         wall = time.perf_counter() - t0
         samples = [json.loads(line)["text"] for line in open(os.path.join(out, "samples.jsonl"))]
-        table = load_windows(rep["cache"])
-        domain, gen, evals = eval_rows(table)
+        domain, gen = eval_scores(rep["cache"])
         controls = {}
         for name, texts in (("seqKD", samples), ("oracle", domain_train)):
             ad = lora_control(b_ref, texts, os.path.join(out, name), rank=args.rank, steps=args.steps, lr=args.lr,
                               seed=seed)
-            sc = _score_adapter(b_ref, ad, evals)
+            sc = _score_adapter(b_ref, ad, rep["cache"], opts.dtype)
             m = rep["measures"]
             b_dom, b_gen = m["in_domain"]["bpb"]["B"], m["general"]["bpb"]["B"]
             controls[name] = {"recovery": (b_dom - bpb(sc["domain"], domain["span_bytes"])) / m["in_domain"]["gain_A_bpb"],

@@ -101,9 +101,10 @@ def test_span_loglikelihoods_equal_the_models_own_loss(world, toks):
 def _bpb_of(model, tok, rows):
     from app.delta.spanscore import score_windows
     from app.delta.transfer import bpb
+    from app.delta.transfer_train import _lists
 
-    ll = score_windows(model, rows["ids_b"], rows["span_b"], rows["n_spans"], tok.bos_token_id, tok.pad_token_id)
-    return bpb(ll, rows["span_bytes"])
+    ll = score_windows(model, *_lists(rows), tok.bos_token_id, tok.pad_token_id)
+    return bpb(ll, rows.per_window(rows.span_bytes))
 
 
 def test_cross_family_transfer_recovers_the_delta_over_its_placebo(world, ray_local, tmp_path):
@@ -112,7 +113,8 @@ def test_cross_family_transfer_recovers_the_delta_over_its_placebo(world, ray_lo
 
     from app.cli import main
     from app.delta.apply import apply
-    from app.delta.transfer import _rows, load_windows, verify_transfer
+    from app.delta.transfer import verify_transfer
+    from app.delta.transfer_train import read_rows
 
     out = str(tmp_path / "transfer")
     code = main(["delta", "transfer", "--base-a", world["a0"], "--tuned-a", world["a1"], "--target", world["b"],
@@ -129,14 +131,16 @@ def test_cross_family_transfer_recovers_the_delta_over_its_placebo(world, ray_lo
     print(json.dumps(m["adapters"], indent=1), m["general"])
     assert ad["recovery"] >= 0.3, ad
     assert placebo["recovery"] <= 0.1 and placebo["recovery"] <= ad["recovery"] - 0.25, placebo
-    assert ad["fidelity_r"] > 0.75 and abs(placebo["fidelity_r"]) < 0.3
+    # the placebo's targets are permuted among spans of the same length, so it keeps how much longer spans move
+    # (a stronger null than a permutation across all spans) and loses only the link to the span itself
+    assert ad["fidelity_r"] > 0.75 and abs(placebo["fidelity_r"]) < 0.5 and ad["fidelity_r"] - placebo["fidelity_r"] > 0.3
     a1_damage = m["general"]["damage_A1_bpb"]
     assert ad["damage_bpb"] <= max(a1_damage, 0) + 0.015, (ad, a1_damage)
     assert "routes" not in rep  # GPT-2 and Qwen2: no weight-space route
 
     # the adapter reloads with PEFT, merges with delta apply, and verify recomputes the report's figures
     tok = AutoTokenizer.from_pretrained(world["b"])
-    domain = _rows(load_windows(rep["cache"]), "eval_domain")
+    domain = read_rows(rep["cache"], "eval_domain", scores=())
     b = AutoModelForCausalLM.from_pretrained(world["b"], dtype=torch.float32)
     peft_bpb = _bpb_of(PeftModel.from_pretrained(b, out).eval(), tok, domain)
     assert math.isclose(peft_bpb, m["in_domain"]["bpb"]["B+LoRA"], rel_tol=1e-6)

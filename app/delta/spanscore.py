@@ -22,10 +22,26 @@ log = logging.getLogger(__name__)
 ROLES = ("transfer", "retain", "eval_domain", "eval_general")
 
 
-def _softcap(model: Any) -> Optional[float]:
+def _text_config(model: Any) -> Any:
     cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    return getattr(cfg, "final_logit_softcapping", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _softcap(model: Any) -> Optional[float]:
+    return getattr(_text_config(model), "final_logit_softcapping", None)
+
+
+def _logit_multiplier(model: Any) -> float:
+    """What the model's own forward multiplies ``lm_head``'s output by: 1 / ``logits_scaling`` (Granite),
+    ``logit_scale`` (Cohere, Cohere 2), else 1."""
+    mult = 1.0
+    scaling = getattr(_text_config(model), "logits_scaling", None)
+    if scaling:
+        mult /= float(scaling)
+    scale = getattr(model, "logit_scale", None)  # Cohere keeps it on the model (a float from its config)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        mult *= float(scale)
+    return mult
 
 
 def _max_positions(model: Any) -> Optional[int]:
@@ -42,7 +58,7 @@ def batch_inputs(seqs: Sequence[Sequence[int]], start_id: int, pad_id: int, devi
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for r, s in enumerate(seqs):
         ids[r, 0] = start_id
-        ids[r, 1:1 + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        ids[r, 1:1 + len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
         mask[r, : 1 + len(s)] = 1
     return ids.to(device), mask.to(device)
 
@@ -54,15 +70,51 @@ def predicting_hidden(inner: Any, ids, mask):
     return hidden[:, :-1][sel], ids[:, 1:][sel]
 
 
-def head_logprobs(inner: Any, h):
-    """log_softmax of the output layer (+ the model's final logit soft-cap) at hidden states h: (C, V) fp32."""
+def head_logits(inner: Any, h):
+    """The model's logits at hidden states h (C, H) -> (C, V) fp32: its output layer, then what its forward does
+    after it (``logits_scaling``, ``logit_scale``, the final soft-cap). ``check_head_path`` compares this with the
+    model's own forward, so a class that does something else is refused rather than scored wrongly."""
     import torch
 
     logits = inner.get_output_embeddings()(h).float()
+    mult = _logit_multiplier(inner)
+    if mult != 1.0:
+        logits = logits * mult
     cap = _softcap(inner)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, -1)
+    return logits
+
+
+def head_logprobs(inner: Any, h):
+    """log_softmax of ``head_logits``: (C, V) fp32."""
+    import torch
+
+    return torch.log_softmax(head_logits(inner, h), -1)
+
+
+def check_head_path(model: Any, start_id: int, pad_id: int) -> None:
+    """Raise DeltaError when the hand-built head path (the body's hidden states -> ``head_logits``) does not give
+    the model's own forward's logits on a short probe (an architecture whose forward does more after its body)."""
+    import torch
+
+    from app.delta.checkpoint import DeltaError
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(inner.parameters()).device
+    vocab = inner.get_output_embeddings().weight.shape[0]
+    probe = [[(start_id + 1 + 7 * k) % vocab for k in range(8)]]
+    ids, mask = batch_inputs(probe, start_id, pad_id, device)
+    with torch.inference_mode():
+        own = inner(input_ids=ids, attention_mask=mask).logits[0, :-1].float()  # (T-1, V)
+        h, _ = predicting_hidden(inner, ids, mask)
+        ours = head_logits(inner, h)
+    tol = 1e-3 if next(inner.parameters()).dtype == torch.float32 else 3e-2
+    err = float((own - ours).abs().max() / own.abs().max().clamp_min(1e-6))
+    if not err <= tol:
+        raise DeltaError(f"{type(inner).__name__}: its forward's logits differ from the span scorer's head path "
+                         f"(relative error {err:.2g}): this architecture does something after its output layer that "
+                         "the transfer does not reproduce")
 
 
 def token_logprobs(model: Any, seqs: Sequence[Sequence[int]], start_id: int, pad_id: int, *, chunk: int = 2048,
@@ -151,10 +203,12 @@ class SpanScorer:
     ``split``: role -> held-out fraction; a held-out text of role R becomes ``eval_<...>`` (transfer ->
     eval_domain, retain -> eval_general). Texts that a tokenizer cannot rebuild, or malformed records, give
     one row with ``refused`` set and no windows.
+    ``dtype``: every model is loaded in it (a torch dtype name): the scores compared with the fit's and the
+    adapters' are computed in one dtype, whatever the device.
     """
 
     def __init__(self, models: dict[str, tuple[str, str]], *, max_tokens: int, split: dict[str, float],
-                 batch_tokens: int = 8192, device: Optional[str] = None, dtype: str = "auto"):
+                 batch_tokens: int = 8192, device: Optional[str] = None, dtype: str = "float32"):
         import torch
 
         from app.delta.spans import TokenBytes, start_token
@@ -165,8 +219,7 @@ class SpanScorer:
         loaded: dict[str, Any] = {}
         for name, (ref, side) in models.items():
             if ref not in loaded:
-                loaded[ref] = load_causal_lm(ref, device=self.device,
-                                             dtype=None if dtype == "auto" else getattr(torch, dtype))
+                loaded[ref] = load_causal_lm(ref, device=self.device, dtype=getattr(torch, dtype))
             self.models[name], self.side[name] = loaded[ref], side
         tok_of: dict[str, Any] = {}
         for name, lm in self.models.items():
@@ -174,6 +227,8 @@ class SpanScorer:
         self.tb = {side: TokenBytes(tok) for side, tok in tok_of.items()}
         self.start = {side: start_token(tok) for side, tok in tok_of.items()}
         self.pad = {side: (tok.pad_token_id if tok.pad_token_id is not None else 0) for side, tok in tok_of.items()}
+        for name, lm in self.models.items():
+            check_head_path(lm.model, self.start[self.side[name]], self.pad[self.side[name]])
         # windows are cut to fit each model's positions (the start token included)
         self.max_tokens = {side: max_tokens for side in tok_of}
         for name, lm in self.models.items():

@@ -7,13 +7,18 @@ composition, Liu et al. 2024, tokenizer-free and trained into weights); a retain
 general text bounds the damage elsewhere (``transfer_train.py``).
 
     1. texts      --text (unlabelled, the transfer set), samples of A1 (--sample-from-tuned), --eval-text
-                  (held-out in-domain; else a hashed share of --text), --retain-text (general text: the retain
-                  term, and a hashed share held out for the damage measure; default: text on this machine)
+                  (held-out in-domain; else a hashed share of --text's documents), --retain-text (general text:
+                  the retain term, and a hashed share held out for the damage measure; default: text on this
+                  machine, split by near-duplicate family). Plain-text files are cut into documents at blank
+                  lines (``texts.py``)
     2. span pass  one Ray Data pass: texts read by the refine reader, aligned, windowed and scored by A0, A1
-                  and B in a model actor (``spanscore.SpanScorer``); cached under a key of models, texts and
-                  window length, so reruns and other β/rank/steps reuse it
-    3. fits       the transfer and the placebo (targets permuted across spans) as Ray tasks; with the same
-                  architecture and shapes, the weight-space route too (``delta extract`` A0 -> A1 applied to B)
+                  and B in model actors (``spanscore.SpanScorer``, ``span_actors`` of them), every model in one
+                  dtype; cached under a key of models, texts, window length, dtype and device, so reruns and
+                  other β/rank/steps reuse it
+    3. fits       the transfer and the placebo (targets permuted among spans of about the same length) as Ray
+                  tasks that read the cached windows themselves, in Arrow batches (``transfer_train.py``); with
+                  the same architecture and shapes, the weight-space route too (``delta extract`` A0 -> A1
+                  applied to B)
     4. report     bits per byte on the same bytes for every model: recovery, damage beside A1's, placebo,
                   fidelity (Pearson r of per-span Δℓ), alignment statistics -> transfer.json + a table
 """
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 META_FILE = "distillery_transfer.json"
 REPORT_FILE = "transfer.json"
 LN2 = math.log(2)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -79,9 +85,23 @@ class TransferOptions:
     """Padded tokens per micro-batch of the span-score pass."""
     num_gpus: Optional[float] = None
     """GPUs per model actor and per fit task (None: 1 when CUDA is visible, else 0)."""
+    dtype: str = "float32"
+    """dtype of every model that scores spans: A0, A1 and B in the span pass, B + LoRA in the fits and when an
+    adapter is scored (float32, bfloat16 or float16). The scores the report subtracts are all of this dtype;
+    it is part of the span cache's key."""
+    concurrency: Optional[int] = None
+    """Model actors of the span pass (each loads A0, A1 and B once). None: one per GPU of the cluster (at
+    ``num_gpus`` each) when the actors take GPUs, else 1."""
+    actor_cpus: float = 1.0
+    """CPUs each span-pass actor reserves when it takes no GPU (leave some for the pass's read and write tasks:
+    actors x actor_cpus below the cluster's CPUs)."""
+    text_doc_bytes: int = 4096
+    """Plain-text inputs (.txt, .md, .rst, .text) are cut into documents at blank lines, and paragraphs longer
+    than this many bytes at line ends or spaces, so that a single text file has held-out documents."""
 
     def __post_init__(self) -> None:
-        for name in ("rank", "steps", "batch_tokens", "max_tokens", "sample_tokens", "score_batch_tokens"):
+        for name in ("rank", "steps", "batch_tokens", "max_tokens", "sample_tokens", "score_batch_tokens",
+                     "text_doc_bytes"):
             if getattr(self, name) < 1:
                 raise DeltaError(f"{name.replace('_', '-')} must be >= 1")
         if self.sample_from_tuned < 0:
@@ -91,6 +111,12 @@ class TransferOptions:
                 raise DeltaError(f"{name.replace('_', '-')} must be in [0, 1)")
         if self.lr <= 0 or self.retain_weight < 0:
             raise DeltaError("lr must be > 0 and retain-weight >= 0")
+        if self.dtype not in DTYPES:
+            raise DeltaError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise DeltaError("concurrency must be >= 1")
+        if self.actor_cpus <= 0:
+            raise DeltaError("actor-cpus must be > 0")
 
 
 # ---------------------------------------------------------------- texts and the cached span pass
@@ -143,41 +169,46 @@ def sample_texts(ref: str, n: int, tokens: int, temperature: float, seed: int) -
     return [t for t in out if t.strip()]
 
 
-def _with_role(role: str):
-    def add(table):
-        import pyarrow as pa
-
-        cols = {"id": table.column("id"), "text": table.column("text"), "error": table.column("error")}
-        return pa.table({**cols, "role": pa.array([role] * table.num_rows, pa.string())})
-    return add
+def span_actors(opts: TransferOptions, cluster: dict) -> int:
+    """How many model actors the span pass runs: ``opts.concurrency``, else one per GPU of the cluster when the
+    actors take GPUs (``cluster``: ``ray.cluster_resources()``), else 1."""
+    if opts.concurrency:
+        return opts.concurrency
+    gpus = _gpus(opts)
+    return max(1, int(cluster.get("GPU", 0) // gpus)) if gpus else 1
 
 
 def span_pass(inputs: dict[str, list[str]], samples: list[str], models: dict[str, tuple[str, str]], out_dir: str,
               opts: TransferOptions) -> None:
-    """Texts of each role -> aligned, windowed, scored rows in ``out_dir`` (Parquet), through Ray Data."""
+    """Texts of each role -> aligned, windowed, scored rows in ``out_dir`` (Parquet), through Ray Data, in
+    ``span_actors`` model actors. Roles: transfer, eval_domain, retain, eval_general (held out as given); plain-text
+    files are cut into documents (``texts.RoleRows``)."""
     import pyarrow as pa
     import ray
 
     from app.delta.spanscore import SpanScorer
+    from app.delta.texts import RoleRows
     from app.refine.io import CorpusDatasource
 
     parts = []
     for role, files in inputs.items():
         if files:
             parts.append(ray.data.read_datasource(CorpusDatasource(files)).map_batches(
-                _with_role(role), batch_format="pyarrow"))
+                RoleRows(role, opts.text_doc_bytes), batch_format="pyarrow"))
     if samples:
         parts.append(ray.data.from_arrow(pa.table({
             "id": [f"a1-sample-{i}" for i in range(len(samples))], "text": samples,
             "error": pa.nulls(len(samples), pa.string()), "role": ["transfer"] * len(samples)})))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     gpus = _gpus(opts)
-    ds = ds.map_batches(SpanScorer, batch_format="pyarrow", batch_size=64, concurrency=1, num_gpus=gpus,
-                        num_cpus=None if gpus else 1,
-                        fn_constructor_kwargs=dict(models=models, max_tokens=opts.max_tokens,
-                                                   split={"transfer": 0.0 if inputs.get("eval_domain") else opts.heldout,
-                                                          "retain": opts.general_heldout},
-                                                   batch_tokens=opts.score_batch_tokens))
+    actors = span_actors(opts, ray.cluster_resources())
+    log.info("span pass: %d model actor(s), %s, %s GPU each", actors, opts.dtype, gpus)
+    split = {"transfer": 0.0 if inputs.get("eval_domain") else opts.heldout,
+             "retain": 0.0 if inputs.get("eval_general") else opts.general_heldout}
+    ds = ds.map_batches(SpanScorer, batch_format="pyarrow", batch_size=64, concurrency=actors, num_gpus=gpus,
+                        num_cpus=None if gpus else opts.actor_cpus,
+                        fn_constructor_kwargs=dict(models=models, max_tokens=opts.max_tokens, split=split,
+                                                   batch_tokens=opts.score_batch_tokens, dtype=opts.dtype))
     ds.write_parquet(out_dir)
 
 
@@ -189,35 +220,36 @@ def _gpus(opts: TransferOptions) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def load_windows(cache_dir: str):
-    import pyarrow.dataset as pads
-
-    return pads.dataset(os.path.join(cache_dir, "windows"), format="parquet").to_table()
+def cache_key(models: dict[str, str], inputs: dict[str, list[str]], samples: list[str], opts: TransferOptions, *,
+              device: str, general_key: Optional[str] = None) -> tuple[str, dict]:
+    """(key, what it hashes) of a span pass: the models (and their files' sizes and times), the input files (the
+    default general text by its content, ``general_key``), A1's samples, the window length, the held-out shares,
+    the plain-text document size, and the dtype and device the scores are computed in."""
+    src = {"models": models,
+           "inputs": {k: _files_key(v) for k, v in inputs.items() if not (general_key and k in ("retain", "eval_general"))},
+           "general": general_key,
+           "samples": hashlib.sha256("\x00".join(samples).encode()).hexdigest(),
+           "max_tokens": opts.max_tokens, "heldout": opts.heldout, "general_heldout": opts.general_heldout,
+           "text_doc_bytes": opts.text_doc_bytes, "dtype": opts.dtype, "device": device, "version": 2}
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16], src
 
 
 # ---------------------------------------------------------------- measures
 
 
-def _rows(table, role: str) -> dict:
-    """Scored windows of one role as Python lists (ids/spans on B's side, per-span values as arrays)."""
-    import pyarrow.compute as pc
-
-    t = table.filter(pc.and_(pc.equal(table.column("role"), role), pc.greater(table.column("n_spans"), 0)))
-    cols = {c: t.column(c).to_pylist() for c in t.column_names if c in (
-        "ids_b", "span_b", "n_spans", "span_bytes", "l_a0", "l_a1", "l_b")}
-    for c in ("l_a0", "l_a1", "l_b", "span_bytes"):
-        if c in cols:
-            cols[c] = [np.asarray(v, dtype=np.float64) if v is not None else None for v in cols[c]]
-    return cols
+def _score_lists(rows) -> dict:
+    """Per-window arrays of a role's scores (``l_a0``, ``l_a1``, ``l_b``) and ``span_bytes``, for ``measures``."""
+    out = {f"l_{k}": rows.per_window(v) for k, v in rows.scores.items()}
+    out["span_bytes"] = rows.per_window(rows.span_bytes)
+    return out
 
 
-def eval_rows(table) -> tuple[dict, dict, dict]:
-    """(in-domain rows, general rows, the FitRows to score adapters on) of the held-out windows."""
-    domain, general = _rows(table, "eval_domain"), _rows(table, "eval_general")
-    evals = {"domain": _fit_rows(domain, 1.0, False)}
-    if general.get("ids_b"):
-        evals["general"] = _fit_rows(general, 1.0, False)
-    return domain, general, evals
+def eval_scores(cache: str) -> tuple[dict, dict]:
+    """(in-domain, general) held-out scores of a span cache, read without the token columns."""
+    from app.delta.transfer_train import read_rows
+
+    return (_score_lists(read_rows(cache, "eval_domain", tokens=False)),
+            _score_lists(read_rows(cache, "eval_general", tokens=False)))
 
 
 def bpb(ll: list, nbytes: list) -> Optional[float]:
@@ -241,19 +273,31 @@ def slope(x: np.ndarray, y: np.ndarray) -> Optional[float]:
     return float((xc * (y - y.mean())).sum()) / d if d else None
 
 
-def alignment_stats(table) -> dict:
-    refused = table.column("refused").to_numpy(zero_copy_only=False)
-    text_bytes = table.column("text_bytes").to_numpy()
-    covered = sum(sum(x) for x in table.column("span_bytes").to_pylist())
-    spans = int(table.column("n_spans").to_numpy().sum())
-    one = int(table.column("one_to_one").to_numpy().sum())
-    return {"texts": int((table.column("window").to_numpy() == 0).sum()), "texts_refused": int(refused.sum()),
-            "bytes": int(text_bytes.sum()), "bytes_covered": int(covered),
-            "bytes_refused": int(text_bytes[refused].sum()),
-            "bytes_in_overlong_spans": int(table.column("dropped_bytes").to_numpy().sum()),
-            "coverage": covered / int(text_bytes.sum()) if text_bytes.sum() else None,
-            "spans": spans, "one_to_one_spans": one, "one_to_one_share": one / spans if spans else None,
-            "windows": int((table.column("n_spans").to_numpy() > 0).sum())}
+def alignment_stats(cache: str) -> dict:
+    """Coverage of the alignment over every text of a span cache, streamed in record batches (no token column)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    ds = pads.dataset(os.path.join(cache, "windows"), format="parquet")
+    t = dict(texts=0, refused=0, bytes=0, covered=0, bytes_refused=0, overlong=0, spans=0, one=0, windows=0)
+    for rb in ds.to_batches(columns=["window", "refused", "text_bytes", "dropped_bytes", "n_spans", "one_to_one",
+                                     "span_bytes"]):
+        c = {n: rb.column(n).to_numpy(zero_copy_only=False) for n in rb.schema.names if n != "span_bytes"}
+        refused = c["refused"].astype(bool)
+        t["texts"] += int((c["window"] == 0).sum())
+        t["refused"] += int(refused.sum())
+        t["bytes"] += int(c["text_bytes"].sum())
+        t["bytes_refused"] += int(c["text_bytes"][refused].sum())
+        t["covered"] += int(pc.sum(pc.list_flatten(rb.column("span_bytes"))).as_py() or 0)
+        t["overlong"] += int(c["dropped_bytes"].sum())
+        t["spans"] += int(c["n_spans"].sum())
+        t["one"] += int(c["one_to_one"].sum())
+        t["windows"] += int((c["n_spans"] > 0).sum())
+    return {"texts": t["texts"], "texts_refused": t["refused"], "bytes": t["bytes"], "bytes_covered": t["covered"],
+            "bytes_refused": t["bytes_refused"], "bytes_in_overlong_spans": t["overlong"],
+            "coverage": t["covered"] / t["bytes"] if t["bytes"] else None,
+            "spans": t["spans"], "one_to_one_spans": t["one"],
+            "one_to_one_share": t["one"] / t["spans"] if t["spans"] else None, "windows": t["windows"]}
 
 
 def measures(rows: dict, adapted: dict[str, list], role_general: Optional[dict]) -> dict:
@@ -322,13 +366,6 @@ def table_lines(report: dict) -> list[str]:
 # ---------------------------------------------------------------- the job
 
 
-def _fit_rows(rows: dict, beta: float, with_target: bool):
-    from app.delta.transfer_train import FitRows
-
-    target = [beta * (a1 - a0) for a0, a1 in zip(rows["l_a0"], rows["l_a1"])] if with_target else None
-    return FitRows(ids=rows["ids_b"], spans=rows["span_b"], n_spans=rows["n_spans"], target=target, base=rows["l_b"])
-
-
 def same_shapes(ref_a: str, ref_b: str) -> bool:
     """Whether two models have one architecture and the same parameter shapes (configs only, meta device)."""
     import torch
@@ -345,15 +382,27 @@ def same_shapes(ref_a: str, ref_b: str) -> bool:
     return sa == sb
 
 
-def _score_adapter(b_ref: str, adapter: str, evals: dict) -> dict:
-    """ℓ per span of B + a saved adapter on the eval windows (a Ray task)."""
+def _score_adapter(b_ref: str, adapter: str, cache: str, dtype: str = "float32") -> dict:
+    """ℓ per span of B + a saved adapter on the held-out windows of a span cache (a Ray task), in ``dtype``."""
+    import torch
+
     from app.delta.apply import load_adapted
     from app.delta.spans import start_token
-    from app.delta.spanscore import score_windows
+    from app.delta.spanscore import check_head_path, score_windows
+    from app.delta.transfer_train import _lists, eval_sets
 
-    model, tok = load_adapted(adapter, b_ref)
+    model, tok = load_adapted(adapter, b_ref, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
     start, pad = start_token(tok), tok.pad_token_id if tok.pad_token_id is not None else 0
-    return {name: score_windows(model, r.ids, r.spans, r.n_spans, start, pad) for name, r in evals.items()}
+    check_head_path(model, start, pad)
+    return {name: score_windows(model, *_lists(r), start, pad) for name, r in eval_sets(cache).items()}
+
+
+def _count_windows(cache: str, role: str) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    ds = pads.dataset(os.path.join(cache, "windows"), format="parquet")
+    return ds.count_rows(filter=(pc.field("role") == role) & (pc.field("n_spans") > 0))
 
 
 @dataclass
@@ -369,7 +418,7 @@ def run_transfer(base_a: str, tuned_a: str, target: str, texts: list[str], out: 
                  cache_dir: Optional[str] = None, opts: Optional[TransferOptions] = None) -> TransferResult:
     import ray
 
-    from app.delta.transfer_train import fit_adapter, permute_targets
+    from app.delta.transfer_train import fit_from_cache
     from app.refine.io import expand_inputs
 
     opts = opts or TransferOptions()
@@ -378,16 +427,15 @@ def run_transfer(base_a: str, tuned_a: str, target: str, texts: list[str], out: 
         raise DeltaError("give transfer text (--text) or samples of the tuned model (--sample-from-tuned N)")
     inputs = {"transfer": expand_inputs(texts) if texts else [],
               "eval_domain": expand_inputs(eval_texts) if eval_texts else []}
+    os.makedirs(out, exist_ok=True)
+    general_key = None
     if retain_texts:
         inputs["retain"] = expand_inputs(retain_texts)
-    os.makedirs(out, exist_ok=True)
-    if not retain_texts:  # general text already on the machine
-        from app.refine.sample import collect_texts
+    else:  # general text already on the machine, split by near-duplicate family, keyed by its content
+        from app.delta.texts import default_general
 
-        path = os.path.join(out, "retain_default.jsonl")
-        with open(path, "w") as f:
-            f.writelines(json.dumps({"text": t}) + "\n" for _, t in collect_texts()[:400])
-        inputs["retain"] = [os.path.abspath(path)]
+        general = default_general(out, opts.general_heldout)
+        inputs["retain"], inputs["eval_general"], general_key = [general.retain], [general.held_out], general.key
 
     samples: list[str] = []
     if opts.sample_from_tuned:
@@ -397,14 +445,11 @@ def run_transfer(base_a: str, tuned_a: str, target: str, texts: list[str], out: 
             f.writelines(json.dumps({"text": t}) + "\n" for t in samples)
 
     same_ab = base_a == target
+    gpus = _gpus(opts)
     models = {"a0": (base_a, "a"), "a1": (tuned_a, "a"), "b": (target, "b")}
-    key_src = {"models": {k: _fingerprint(r) for k, (r, _) in models.items()},
-               "inputs": {k: _files_key(v) if k != "retain" or retain_texts else ["machine-default"] for k, v in inputs.items()},
-               "samples": hashlib.sha256("\x00".join(samples).encode()).hexdigest(),
-               "max_tokens": opts.max_tokens, "heldout": opts.heldout, "general_heldout": opts.general_heldout,
-               "version": 1}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir or os.path.join(out, "cache"), key)
+    key, key_src = cache_key({k: _fingerprint(r) for k, (r, _) in models.items()}, inputs, samples, opts,
+                             device="cuda" if gpus else "cpu", general_key=general_key)
+    cache = os.path.abspath(os.path.join(cache_dir or os.path.join(out, "cache"), key))
     cached = os.path.isfile(os.path.join(cache, "done.json"))
     if not cached:
         import shutil
@@ -416,40 +461,37 @@ def run_transfer(base_a: str, tuned_a: str, target: str, texts: list[str], out: 
             json.dump(key_src, f, indent=1)
     else:
         log.info("span pass: cached (%s)", cache)
-    table = load_windows(cache)
-    domain, general, evals = eval_rows(table)
-    train_rows, retain_rows = _rows(table, "transfer"), _rows(table, "retain")
-    if not train_rows.get("ids_b"):
+    n_train, n_domain = _count_windows(cache, "transfer"), _count_windows(cache, "eval_domain")
+    if not n_train:
         raise DeltaError("no transfer text could be aligned (every text was refused or empty)")
-    if not domain.get("ids_b"):
-        raise DeltaError("no held-out in-domain text: give --eval-text, or more --text (a share is held out)")
-    train = _fit_rows(train_rows, opts.beta, True)
+    if not n_domain:
+        raise DeltaError("no held-out in-domain text: give --eval-text, or more --text (a hashed share of its "
+                         "documents is held out; plain-text files are cut into documents at blank lines)")
+    domain, general = eval_scores(cache)
 
-    gpus = _gpus(opts)
-    fit = ray.remote(num_gpus=gpus, num_cpus=1)(fit_adapter)
-    train_ref, retain_ref, evals_ref = ray.put(train), ray.put(retain_rows.get("ids_b", [])), ray.put(evals)
-    common = dict(rank=opts.rank, alpha=opts.alpha, target_modules=opts.target_modules, lr=opts.lr, steps=opts.steps,
-                  retain_weight=opts.retain_weight, batch_tokens=opts.batch_tokens, seed=opts.seed)
-    jobs = {"B+LoRA": fit.remote(target, train_ref, retain_ref, evals_ref, os.path.abspath(out), **common)}
+    fit = ray.remote(num_gpus=gpus, num_cpus=1)(fit_from_cache)
+    common = dict(beta=opts.beta, rank=opts.rank, alpha=opts.alpha, target_modules=opts.target_modules, lr=opts.lr,
+                  steps=opts.steps, retain_weight=opts.retain_weight, batch_tokens=opts.batch_tokens, seed=opts.seed,
+                  dtype=opts.dtype)
+    jobs = {"B+LoRA": fit.remote(target, cache, os.path.abspath(out), **common)}
     if opts.placebo:
-        placebo = dataclasses.replace(train, target=permute_targets(train.target, opts.seed + 1))
-        jobs["placebo"] = fit.remote(target, placebo, retain_ref, evals_ref, os.path.abspath(os.path.join(out, "placebo")),
-                                     **common)
+        jobs["placebo"] = fit.remote(target, cache, os.path.abspath(os.path.join(out, "placebo")),
+                                     placebo_seed=opts.seed + 1, **common)
     ws = None
     if opts.weight_space and same_shapes(base_a, target):
         from app.delta.extract import RankPolicy, extract
 
         ws = os.path.join(out, "weight_space")
         extract(base_a, tuned_a, ws, policy=RankPolicy(rank=opts.rank))
-        jobs["weight-space"] = ray.remote(num_gpus=gpus, num_cpus=1)(_score_adapter).remote(target, ws, evals_ref)
+        jobs["weight-space"] = ray.remote(num_gpus=gpus, num_cpus=1)(_score_adapter).remote(target, ws, cache,
+                                                                                             opts.dtype)
     results = dict(zip(jobs, ray.get(list(jobs.values()))))
     adapted = {name: (r["scores"] if "scores" in r else r) for name, r in results.items()}
     report = {"base_a": base_a, "tuned_a": tuned_a, "target": target, "same_model_b_a0": same_ab,
-              "options": dataclasses.asdict(opts), "cache": os.path.abspath(cache), "cached": cached,
-              "alignment": alignment_stats(table), "samples_from_tuned": len(samples),
-              "train": {"windows": len(train.ids), "spans": int(sum(train.n_spans)),
-                        "retain_windows": len(retain_rows.get("ids_b", []))},
-              "measures": measures(domain, adapted, general if general.get("ids_b") else None),
+              "options": dataclasses.asdict(opts), "cache": cache, "cached": cached,
+              "alignment": alignment_stats(cache), "samples_from_tuned": len(samples),
+              "train": {"windows": n_train, "retain_windows": _count_windows(cache, "retain")},
+              "measures": measures(domain, adapted, general if general.get("l_b") else None),
               "curves": {n: r["curve"] for n, r in results.items() if "curve" in r}}
     if "weight-space" in adapted:
         fd = np.concatenate([x - b for x, b in zip(adapted["B+LoRA"]["domain"], domain["l_b"])])
@@ -461,7 +503,7 @@ def run_transfer(base_a: str, tuned_a: str, target: str, texts: list[str], out: 
         json.dump(report, f, indent=1)
     with open(os.path.join(out, META_FILE), "w") as f:
         json.dump({"kind": "transfer", "base_a": base_a, "tuned_a": tuned_a, "target": target,
-                   "cache": os.path.abspath(cache), "options": dataclasses.asdict(opts)}, f, indent=1)
+                   "cache": cache, "options": dataclasses.asdict(opts)}, f, indent=1)
     return TransferResult(out=out, report=report, cache=cache, cached=cached)
 
 
@@ -476,12 +518,11 @@ def verify_transfer(adapter: str) -> dict:
         meta = json.load(f)
     if not os.path.isfile(os.path.join(meta["cache"], "done.json")):
         raise DeltaError(f"{adapter}: its span cache {meta['cache']} is gone; run delta transfer again")
-    table = load_windows(meta["cache"])
-    domain, general, evals = eval_rows(table)
-    scores = _score_adapter(meta["target"], adapter, evals)
+    domain, general = eval_scores(meta["cache"])
+    scores = _score_adapter(meta["target"], adapter, meta["cache"], meta.get("options", {}).get("dtype", "float32"))
     report = {"adapter": adapter, **{k: meta[k] for k in ("base_a", "tuned_a", "target", "cache")},
-              "alignment": alignment_stats(table),
-              "measures": measures(domain, {"B+LoRA": scores}, general if general.get("ids_b") else None)}
+              "alignment": alignment_stats(meta["cache"]),
+              "measures": measures(domain, {"B+LoRA": scores}, general if general.get("l_b") else None)}
     saved = os.path.join(adapter, REPORT_FILE)
     if os.path.isfile(saved):
         with open(saved) as f:
