@@ -373,7 +373,9 @@ def _transfer_args(acts) -> None:
     t.add_argument("--tuned-a", required=True, metavar="A1", help="A's fine-tune")
     t.add_argument("--target", required=True, metavar="B", help="the model to carry the change onto")
     t.add_argument("--text", action="append", metavar="PATH_OR_GLOB",
-                   help="transfer text (JSONL/Parquet/text, as the refine job reads); repeatable")
+                   help="transfer text (JSONL/Parquet/text, as the refine job reads); repeatable. A plain-text file "
+                   "(.txt/.md/.rst/.text) is cut into documents at blank lines (paragraphs longer than "
+                   "--text-doc-bytes at line ends or spaces), so a hashed share of them can be held out")
     t.add_argument("--eval-text", action="append", metavar="PATH_OR_GLOB",
                    help="held-out in-domain text for the report (default: a hashed share of --text)")
     t.add_argument("--retain-text", action="append", metavar="PATH_OR_GLOB",
@@ -383,8 +385,11 @@ def _transfer_args(acts) -> None:
     t.add_argument("--cache", help="span-score cache directory (default: OUT/cache); shared by reruns")
     for name, typ in (("beta", float), ("rank", int), ("alpha", float), ("retain_weight", float), ("steps", int),
                       ("lr", float), ("batch_tokens", int), ("max_tokens", int), ("heldout", float), ("seed", int),
-                      ("sample_tokens", int), ("num_gpus", float)):
+                      ("sample_tokens", int), ("num_gpus", float), ("concurrency", int), ("actor_cpus", float),
+                      ("text_doc_bytes", int)):
         t.add_argument("--" + name.replace("_", "-"), type=typ, help=f"default {getattr(d, name)}")
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help=f"dtype of every model that scores spans (default {d.dtype}); part of the cache key")
     t.add_argument("--target-modules", type=lambda s: s if s == "all-linear" else s.split(","),
                    help=f"PEFT target modules, comma-separated (default {d.target_modules})")
     t.add_argument("--no-placebo", dest="placebo", action="store_false", default=None, help="skip the placebo fit")
