@@ -111,3 +111,50 @@ def test_gpu_benchmark_script_runs_in_smoke_mode_and_accounts_for_every_token(ra
     assert report["pipeline_tokens"] == report["expected_tokens"] > 0
     assert report["best_batch"] >= 1 and report["bare_best_tokens_per_s"] > 0
     assert -1 <= report["spearman_bf16_fp32"] <= 1 and report["parity_docs"] > 0
+
+
+def tiny_granite(path: str, seed: int = 0) -> str:
+    """A 2-layer Granite: its forward divides lm_head's output by logits_scaling (and scales embeddings, residuals
+    and attention inside its body)."""
+    import torch
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from tests.tiny_models import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    cfg = GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5,
+                        attention_multiplier=0.25, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    GraniteForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_scores_go_through_the_models_own_head_path(tmp_path):
+    """A model whose forward does more after lm_head than a matrix product (Granite: / logits_scaling) is scored
+    as its own forward scores it."""
+    path = tiny_granite(str(tmp_path / "granite"))
+    docs = _docs(6, seed=3)
+    sc = PerplexityScorer(path, max_tokens=64, batch_tokens=256)
+    out = sc(Tokenize(path, max_tokens=64, window="first")(pa.table({"text": docs}))).to_pylist()
+    ref = naive_perplexity(load_causal_lm(path), docs, max_tokens=64)
+    assert [r["ppl_nll"] for r in out] == pytest.approx(ref, abs=1e-4)
+
+
+def test_bfloat16_scoring_on_cpu_matches_the_reference_in_bfloat16(tiny_dir):
+    """The dtype CUDA scoring takes (bf16), forced on CPU: the scorer runs, and agrees with the model's own loss
+    in bf16 to bf16's precision."""
+    import torch
+
+    docs = _docs(8, seed=5)
+    sc = PerplexityScorer(tiny_dir, max_tokens=64, batch_tokens=256, dtype="bfloat16")
+    assert sc.lm.model.dtype == torch.bfloat16
+    out = sc(Tokenize(tiny_dir, max_tokens=64, window="first")(pa.table({"text": docs}))).to_pylist()
+    ref = naive_perplexity(load_causal_lm(tiny_dir, dtype=torch.bfloat16), docs, max_tokens=64)
+    ref32 = naive_perplexity(load_causal_lm(tiny_dir), docs, max_tokens=64)
+    assert all(np.isfinite(r["ppl_nll"]) for r in out)
+    assert [r["ppl_nll"] for r in out] == pytest.approx(ref, abs=0.05)
+    assert [r["ppl_nll"] for r in out] == pytest.approx(ref32, abs=0.05)

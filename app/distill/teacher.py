@@ -12,8 +12,9 @@ the KD loss computes them), so the KD targets are not rounded to bf16.
 
 from __future__ import annotations
 
-import copy
 import logging
+
+from app.heads import HeadLogits  # noqa: F401 - distillation's teacher logits (re-exported for its importers)
 
 log = logging.getLogger(__name__)
 
@@ -21,51 +22,6 @@ log = logging.getLogger(__name__)
 def body_hidden(model, input_ids):
     """(B, T, d) final (normed) hidden states of ``model``'s body for ``input_ids`` (B, T), no cache."""
     return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-
-
-class _Given:
-    """Stands in for a model's body: returns the hidden states it was given, whatever it is called with."""
-
-    def __init__(self, hidden):
-        self.hidden = hidden
-
-    def __call__(self, *args, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Out
-
-        return Out(last_hidden_state=self.hidden)  # the widest body output: every field the heads read
-
-
-class HeadLogits:
-    """(N, d) final hidden states -> (N, V) fp32 logits, through ``model``'s own forward (see the module doc)."""
-
-    def __init__(self, model):
-        import torch
-
-        self.model = model
-        self.prefix = model.base_model_prefix
-        head = model.get_output_embeddings()
-        # an fp32 head of the same class (a bf16 teacher's logits in fp32); shared when the model is fp32 already
-        self.head = head if head.weight.dtype == torch.float32 else copy.deepcopy(head).float()
-
-    def __call__(self, hidden):
-        import torch
-
-        m = self.model
-        modules = m._modules
-        head_name = next((k for k, v in modules.items() if v is m.get_output_embeddings()), None)
-        if head_name is None:
-            raise ValueError(f"{type(m).__name__}: its output embedding is not a direct submodule")
-        # for this call only: the body answers with ``hidden``, the head is the fp32 one (nn.Module looks
-        # submodules up in _modules; the model's own dict is put back whatever happens)
-        object.__setattr__(m, "_modules", {**modules, self.prefix: _Given(hidden.float()[None]),  # (1, N, d)
-                                           head_name: self.head})
-        try:
-            with torch.no_grad():
-                ids = torch.zeros(1, hidden.shape[0], dtype=torch.long, device=hidden.device)
-                z = m(input_ids=ids, use_cache=False).logits[0]  # (N, V)
-        finally:
-            object.__setattr__(m, "_modules", modules)
-        return z.float()
 
 
 def nll_sum(head: HeadLogits, hidden, labels, chunk_tokens: int) -> float:

@@ -109,6 +109,7 @@ class PerplexityScorer:
                  dtype: str = "auto"):
         import torch
 
+        from app.heads import HeadLogits
         from app.models import load_causal_lm
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +121,9 @@ class PerplexityScorer:
         self.context = max_tokens // 4 if context is None else context
         self.logit_chunk = logit_chunk
         self.pad_id = self.lm.tokenizer.pad_token_id or 0
+        # logits through the model's own head path (Granite's logits_scaling, Gemma 2/3's soft-cap, ...), the head
+        # in the model's dtype (bf16 on CUDA), the logits in fp32
+        self.head = HeadLogits(self.lm.model, fp32=False)
 
     def _forward(self, segs: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
         """Sum of NLL and number of scored tokens per segment, one micro-batch."""
@@ -144,10 +148,9 @@ class PerplexityScorer:
             h = hidden[:, :-1][sel]  # (N, H)
             targets = ids[:, 1:][sel]  # (N,)
             rows = torch.arange(len(segs), device=self.device).unsqueeze(1).expand(-1, T - 1)[sel]  # (N,)
-            head = model.get_output_embeddings()
             nll = torch.empty(h.shape[0], dtype=torch.float32, device=self.device)
             for lo in range(0, h.shape[0], self.logit_chunk):
-                logits = head(h[lo : lo + self.logit_chunk]).float()  # (C, V)
+                logits = self.head(h[lo : lo + self.logit_chunk])  # (C, V) fp32
                 nll[lo : lo + self.logit_chunk] = torch.nn.functional.cross_entropy(
                     logits, targets[lo : lo + self.logit_chunk], reduction="none")
             sums = torch.zeros(len(segs), dtype=torch.float64, device=self.device).index_add_(0, rows, nll.double())
