@@ -5,6 +5,7 @@ budget and a burst within the cache budget, stop strings that are special tokens
 dtype serve uses on CUDA) runs on CPU, and serving does not import the training package."""
 
 import asyncio
+import json
 import sys
 
 import pytest
@@ -106,6 +107,8 @@ def test_the_loop_survives_a_bad_request_and_reports_unhealthy_when_it_cannot_go
         sch._thread.join(5)
         with pytest.raises(RuntimeError, match="decode loop has stopped"):
             rep.check_health()
+        health = asyncio.run(rep.health())  # /health says so too, for load balancers and people
+        assert health.status_code == 503 and json.loads(health.body)["status"] == "unhealthy"
 
         async def late():
             sch.submit(_rows(sch, "the end"))

@@ -372,3 +372,17 @@ def test_serving_in_bfloat16_on_cpu_equals_generate_in_bfloat16(scheduler, stude
         text, finish, n = reference(hf, list(hf.tokenizer(p)["input_ids"]), 8)
         assert (out["choices"][0]["text"], out["choices"][0]["finish_reason"]) == (text, finish), p
         assert out["usage"]["completion_tokens"] == n
+
+
+def test_every_prompt_fits_one_prefill_step():
+    """continuous: a prompt of limits.max_prompt_tokens must fit batch.max_prefill_tokens (with n rows admitted
+    over steps, every prefill is then within the budget); a config where it cannot is refused when it loads."""
+    from app.config import ConfigError, load_config
+    from app.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match="batch.max_prefill_tokens.*max_prompt_tokens"):
+        load_config(ServeConfig, None, ["batch.scheduler=continuous", "batch.max_prefill_tokens=1024",
+                                        "limits.max_prompt_tokens=2048"])
+    load_config(ServeConfig, None, ["batch.scheduler=continuous", "batch.max_prefill_tokens=2048",
+                                    "limits.max_prompt_tokens=2048"])
+    load_config(ServeConfig, None, ["batch.scheduler=static", "batch.max_prefill_tokens=1024"])  # continuous only

@@ -72,8 +72,9 @@ class BatchConfig:
     max_num_seqs: int = 32
     """continuous: sequences (requests x n) decoding at once; more requests wait for a place."""
     max_prefill_tokens: int = 4096
-    """continuous: the prompt tokens one step may prefill (rows x the longest admitted prompt); a request that
-    is over it alone is still admitted, by itself."""
+    """continuous: the prompt tokens one step may prefill (rows x the longest admitted prompt); a request's `n`
+    rows are admitted over several steps when they do not fit one. At least `limits.max_prompt_tokens`, so every
+    prompt fits one step."""
     max_waiting: int = 64
     """Requests waiting in the replica for a place in the running batch (continuous: every request waits there
     until the next step) or for the next batch (static); more are refused at once with a 503 (code
@@ -161,6 +162,10 @@ class ServeConfig:
         _check(bool(self.model), "model", "must be given")
         _check(0 <= self.port < 65536, "port", "must be a port number")
         _check(self.route_prefix.startswith("/"), "route_prefix", "must start with /")
+        if self.batch.scheduler == "continuous":
+            _check(self.batch.max_prefill_tokens >= self.limits.max_prompt_tokens, "batch.max_prefill_tokens",
+                   f"must be >= limits.max_prompt_tokens ({self.limits.max_prompt_tokens}): a longest prompt must "
+                   f"fit one prefill step")
         which = "batch.max_num_seqs" if self.batch.scheduler == "continuous" else "batch.max_batch_size"
         _check(self.deployment.max_ongoing_requests >= self.batch.capacity, "deployment.max_ongoing_requests",
                f"must be >= {which} (a replica could never fill a batch)")

@@ -318,11 +318,17 @@ class Replica:
     # -- routes
 
     @api.get("/health")
-    async def health(self) -> dict:
+    async def health(self):
         """Liveness, and this replica's batching: totals so far (decode steps or batches, sequences, the largest
         batch, sequences stopped because their client went away, sequences that failed, requests refused),
-        running and waiting now, and over the last minute tokens/s and median TTFT and time per output token."""
-        return {"status": "ok", "model": self.name, "scheduler": self.cfg.batch.scheduler, **self.stats}
+        running and waiting now, and over the last minute tokens/s and median TTFT and time per output token.
+        503 with status "unhealthy" and the reason when the decode loop has stopped (as ``check_health``)."""
+        body = {"status": "ok", "model": self.name, "scheduler": self.cfg.batch.scheduler, **self.stats}
+        try:
+            self.check_health()
+        except RuntimeError as e:
+            return JSONResponse({**body, "status": "unhealthy", "reason": str(e)}, status_code=503)
+        return body
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
