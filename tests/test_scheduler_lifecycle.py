@@ -118,6 +118,32 @@ def test_the_loop_survives_a_bad_request_and_reports_unhealthy_when_it_cannot_go
         sch.close()
 
 
+def test_a_request_that_breaks_scheduling_ends_alone_among_waiting_ones(hybrid):
+    """A request whose prompt cannot be measured waits beside a good one (both queued before the loop plans):
+    only it ends with an error; the good one is served."""
+    from app.serve.generate import Row, SamplingParams
+
+    class Unmeasurable(list):
+        def __len__(self):
+            raise RuntimeError("cannot measure this prompt (test)")
+
+    sch = _scheduler(hybrid)
+    bad = [Row(Unmeasurable([5, 6, 7]), SamplingParams(max_tokens=3))]
+    good = _rows(sch, "the cat sat", ignore_eos=True)
+
+    async def go():
+        with sch._cv:  # the decode thread plans only once both wait
+            handles = [sch.submit(bad), sch.submit(good)]
+        for h in handles:
+            await asyncio.wait_for(sch.wait(h), 10.0)
+    try:
+        asyncio.run(go())
+        assert bad[0].finish_reason == "error" and good[0].finish_reason == "length"
+        sch.check_health()
+    finally:
+        sch.close()
+
+
 def test_a_cancelled_waiting_request_leaves_the_queue_at_once(hybrid):
     """With one place and two waiting places: a long request runs, two wait; the client of the second (not at the
     head) goes away: it no longer counts (waiting 1, a new request is taken instead of a 503), it ends "cancelled"

@@ -135,6 +135,37 @@ def test_a_request_over_the_models_context_gets_400_and_its_neighbours_200(sched
     assert s_full == 400 and b_full["error"]["code"] == "context_length_exceeded"
 
 
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_requests_that_fit_alone_are_served_together(scheduler, gpt2, make_replica):
+    """GPT-2 with 64 positions: a 50-token prompt with max_tokens=12 and a 3-token prompt with max_tokens=40 each
+    fit. A static batch runs every row for its largest max_tokens, so together the first row would reach position
+    90: such rows run in generate calls of their own (``context_groups``), and both are served."""
+    from app.serve import protocol as P
+
+    rep = make_replica(gpt2, scheduler, limits={"max_tokens": 400})
+    reqs = [P.CompletionRequest(model="t", prompt=_words(50), max_tokens=12, temperature=0, ignore_eos=True),
+            P.CompletionRequest(model="t", prompt=_words(3), max_tokens=40, temperature=0, ignore_eos=True)]
+
+    async def go():
+        return await asyncio.gather(*(_settle(rep.completions(r)) for r in reqs))
+
+    for (status, body, _), want in zip(asyncio.run(go()), (12, 40)):
+        assert status == 200 and body["usage"]["completion_tokens"] == want, body
+
+
+def test_context_groups_keep_every_row_within_the_context():
+    from app.serve.generate import Row, SamplingParams, context_groups
+
+    rows = [Row(list(range(p)), SamplingParams(max_tokens=m)) for p, m in
+            [(50, 12), (3, 40), (10, 40), (60, 4), (20, 20), (1, 63)]]
+    groups = context_groups(rows, 64)
+    assert sorted(id(r) for g in groups for r in g) == sorted(id(r) for r in rows)  # each row once
+    for g in groups:
+        assert all(len(r.prompt_ids) + max(x.params.max_tokens for x in g) <= 64 for r in g)
+    assert len(groups) <= 4
+    assert context_groups(rows, None) == [rows] and context_groups([], 64) == []
+
+
 def test_the_context_of_a_model_comes_from_its_config():
     from transformers import BambaConfig, GPT2Config, LlamaConfig, Mamba2Config
 
@@ -386,3 +417,11 @@ def test_every_prompt_fits_one_prefill_step():
     load_config(ServeConfig, None, ["batch.scheduler=continuous", "batch.max_prefill_tokens=2048",
                                     "limits.max_prompt_tokens=2048"])
     load_config(ServeConfig, None, ["batch.scheduler=static", "batch.max_prefill_tokens=1024"])  # continuous only
+
+
+def test_only_the_apps_own_health_path_is_open_without_the_key():
+    from app.serve.server import _is_health
+
+    assert _is_health({"path": "/health"}) and _is_health({"path": "/api/health", "root_path": "/api"})
+    assert not _is_health({"path": "/v1/models/x/health"})  # a model id ending in /health needs the key
+    assert not _is_health({"path": "/api/v1/models/health", "root_path": "/api"})

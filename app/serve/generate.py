@@ -320,12 +320,42 @@ class RowStopper:
         self._emit(r, r._pending, reason)
 
 
+def model_context(config: Any) -> Optional[int]:
+    """The positions a model can attend over (prompt + completion), from its config as vLLM derives its
+    max_model_len: the smallest of the length fields it has (``max_position_embeddings``, GPT-2's ``n_positions``,
+    ...); None for a model with none of them (a pure SSM such as Mamba-2: its state has no length limit)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = [getattr(text, k, None) for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                                              "max_sequence_length", "max_seq_length", "seq_len")]
+    found = [int(v) for v in found if isinstance(v, int) and v > 0]
+    return min(found) if found else None
+
+
+def context_groups(rows: list[Row], context: Optional[int]) -> list[list[Row]]:
+    """``rows`` in groups that may generate together (one ``generate`` call each) without any row's positions
+    passing the model's ``context``. ``generate`` runs every row of a batch for the batch's largest ``max_tokens``
+    (an ended row is still fed, its attention mask extended), so a row's last position is its own prompt plus the
+    group's largest ``max_tokens``, not its own: each group keeps that within ``context``. Every row fits alone
+    (the server checks prompt + ``max_tokens`` against the context before a request joins a batch)."""
+    if context is None or not rows:
+        return [rows] if rows else []
+    groups: list[list[Row]] = []
+    for r in sorted(rows, key=lambda r: -r.params.max_tokens):  # a group's first row has its largest max_tokens
+        home = next((g for g in groups if len(r.prompt_ids) + g[0].params.max_tokens <= context), None)
+        if home is None:
+            groups.append([r])
+        else:
+            home.append(r)
+    return groups
+
+
 class Engine:
     """A loaded causal LM + tokenizer that generates for batches of rows (see the module doc)."""
 
     def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
+        self.context = model_context(model.config)  # prompt + completion, per sequence (None: no limit)
         gc = getattr(model, "generation_config", None)
         eos = getattr(gc, "eos_token_id", None) if gc is not None else None
         eos = eos if isinstance(eos, list) else [eos]
@@ -367,14 +397,19 @@ class Engine:
         start_rows(rows, self.device)
 
     def run(self, rows: list[Row]) -> list[Row]:
-        """Generate every row (in place; also returned). Rows may differ in prompt, length and sampling."""
+        """Generate every row (in place; also returned). Rows may differ in prompt, length and sampling; rows that
+        cannot share a ``generate`` call within the model's context run in calls of their own (``context_groups``)."""
+        for group in context_groups(rows, self.context):
+            self._generate(group)
+        return rows
+
+    def _generate(self, rows: list[Row]) -> None:
+        """One ``generate`` call for ``rows`` (left-padded together)."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         from app.caches import generation_cache
 
-        if not rows:
-            return rows
         longest = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)  # (B, T), left-padded
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -395,4 +430,3 @@ class Engine:
         for r in rows:  # generate ended (every row stopped, or its own limit): nothing stays open
             if not r.done:
                 stopper.finish(r, "cancelled" if r.cancelled else "length")
-        return rows

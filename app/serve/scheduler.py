@@ -165,6 +165,15 @@ def schedule(waiting: Iterable[Request], running: Sequence[Request], limits: Lim
     return Plan(cancel, admit)
 
 
+def _schedulable(q: Request, running: Sequence[Request], limits: Limits) -> bool:
+    """Whether ``schedule`` can plan with ``q`` waiting alone (a failed plan looks for the request that broke it)."""
+    try:
+        schedule([q], running, limits)
+        return True
+    except Exception:  # noqa: BLE001 - this one is the culprit
+        return False
+
+
 def admit(plan: Plan, waiting: deque, running: list) -> None:
     """Record ``plan``'s admissions: each admitted request is RUNNING, in ``running``, and leaves ``waiting`` once
     every row of it has been admitted."""
@@ -411,10 +420,19 @@ class ContinuousScheduler:
                 return None
             try:
                 plan = schedule(self._waiting, self._running, self.limits)
-            except Exception as e:  # no plan can be made: nothing held can go on (one bad request, or a bug)
-                log.exception("scheduling failed; every request held ends with an error")
-                self._finish_all(e, waiting=True)
-                raise
+            except Exception as e:  # noqa: BLE001 - a request that breaks scheduling ends alone, if it is one
+                bad = [q for q in list(self._waiting) if not _schedulable(q, self._running, self.limits)]
+                for q in bad:
+                    log.exception("request %s cannot be scheduled; it ends with an error", q.id)
+                    self._finish(q, e)
+                try:
+                    if not bad:
+                        raise
+                    plan = schedule(self._waiting, self._running, self.limits)
+                except Exception as e2:  # no plan can be made: nothing held can go on (a bug)
+                    log.exception("scheduling failed; every request held ends with an error")
+                    self._finish_all(e2, waiting=True)
+                    raise
             admit(plan, self._waiting, self._running)
             return plan
 

@@ -50,7 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serve import protocol as P
 from app.serve.config import ServeConfig
-from app.serve.generate import Engine, Row
+from app.serve.generate import Engine, Row, model_context
 from app.serve.metrics import ServeMetrics
 from app.serve.scheduler import ContinuousScheduler, QueueFull
 
@@ -81,6 +81,15 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse(P.error_body(str(exc.detail), type=kind), status_code=exc.status_code)
 
 
+def _is_health(scope: Scope) -> bool:
+    """Whether a request is for this app's /health (the one path open without the key): the path below the app's
+    route prefix (ASGI's root_path, which the path may or may not carry) is exactly /health."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.rstrip("/") == "/health"
+
+
 class Gate:
     """ASGI middleware, before any route: the API key (every path but /health), the body size counted as the
     bytes arrive (a chunked body has no Content-Length), and a generic 500 for anything a route let escape.
@@ -98,7 +107,7 @@ class Gate:
         state = api.state  # this module's app: the replica's __init__ sets it (Serve runs a copy of the app)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = getattr(state, "api_key", None)
-        if key and not scope["path"].rstrip("/").endswith("/health"):
+        if key and not _is_health(scope):
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode(), key.encode()):
@@ -190,17 +199,6 @@ def builder_api_key(cfg: ServeConfig) -> Optional[APIKey]:
     return APIKey(key) if key else None
 
 
-def model_context(config: Any) -> Optional[int]:
-    """The positions a model can attend over (prompt + completion), from its config as vLLM derives its
-    max_model_len: the smallest of the length fields it has (``max_position_embeddings``, GPT-2's ``n_positions``,
-    ...); None for a model with none of them (a pure SSM such as Mamba-2: its state has no length limit)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    found = [getattr(text, k, None) for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-                                              "max_sequence_length", "max_seq_length", "seq_len")]
-    found = [int(v) for v in found if isinstance(v, int) and v > 0]
-    return min(found) if found else None
-
-
 @dataclass
 class Job:
     """One request's rows, as one item of a static batch; it holds a place among the replica's waiting requests
@@ -276,7 +274,7 @@ class Replica:
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
         self.engine = engine or Engine.load(self.cfg.model, self.cfg.device, self.cfg.dtype)
         self.name = self.cfg.served_name
-        self.context = model_context(self.engine.model.config)  # prompt + completion, per sequence (None: no limit)
+        self.context = self.engine.context  # prompt + completion, per sequence (None: no limit)
         self.created = int(time.time())
         # ids a prompt may hold: known to the tokenizer and inside the embedding (either may be padded)
         self.vocab = min(len(self.engine.tok), self.engine.model.get_input_embeddings().num_embeddings)
