@@ -330,6 +330,7 @@ def test_refine_job_on_a_cluster_with_the_model_steps_on(cluster, corpus, tmp_pa
     out = os.path.join(corpus["root"], "out-job-toxicity")
     rc, log = submit(cluster, [*base, "--output", out, "--set", "perplexity.enabled=false"])
     assert rc == 0 and "oneMKL" not in log, log[-4000:]
+    assert "re-entered the job's working directory" in log  # it met the re-unpack (it is the cluster's first job)
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["accounting"]["ok"] and report["counts"]["input"] == len(corpus["docs"]) + corpus["n_bad"]
     assert report["toxicity"]["available"] and report["toxicity"]["backend"] == "profanity_check"
