@@ -64,7 +64,10 @@ def settle_working_dir(cwd: str | None) -> bool:
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ray.get(ray.remote(_working_dir_of_a_task).options(num_cpus=0, scheduling_strategy=here).remote())
-    if _cwd() == cwd and os.path.samestat(os.stat("."), os.stat(cwd)):
+    if not os.path.isdir(cwd):
+        log.warning("the job's working directory %s is gone; the driver stays where it is", cwd)
+        return False
+    if os.path.samestat(os.stat("."), os.stat(cwd)):  # "." is still the directory at that path
         return False
     os.chdir(cwd)
     log.info("re-entered the job's working directory %s (Ray unpacked it again on this node)", cwd)
