@@ -231,7 +231,8 @@ def test_hybrid_student_generates_with_a_cache_as_without(teacher, tmp_path, att
     no attention layer (transformers' default cache cannot hold one: generation_cache) and one with half."""
     from transformers import AutoModelForCausalLM
 
-    from app.distill.student import build_student, generation_cache
+    from app.caches import generation_cache
+    from app.distill.student import build_student
 
     student, _ = build_student(teacher.model, "hybrid", attention_layers=attention)
     student.save_pretrained(tmp_path / "s")
@@ -348,7 +349,8 @@ def _check_exported(path, attention_layers):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from app.distill.init import xbc_bias_slice
-    from app.distill.student import generation_cache, ssm_mixers
+    from app.caches import generation_cache
+    from app.distill.student import ssm_mixers
 
     student = AutoModelForCausalLM.from_pretrained(path).eval()
     assert type(student).__name__ == "BambaForCausalLM"

@@ -10,7 +10,7 @@ import pytest
 
 from app.models import ModelLoadError, load_causal_lm
 from app.refine.perplexity import PerplexityScorer, Tokenize, list_arrays, naive_perplexity, pack, segments
-from tests.tiny_models import WORDS, tiny_llama
+from tests.tiny_models import WORDS, tiny_granite, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -111,26 +111,6 @@ def test_gpu_benchmark_script_runs_in_smoke_mode_and_accounts_for_every_token(ra
     assert report["pipeline_tokens"] == report["expected_tokens"] > 0
     assert report["best_batch"] >= 1 and report["bare_best_tokens_per_s"] > 0
     assert -1 <= report["spearman_bf16_fp32"] <= 1 and report["parity_docs"] > 0
-
-
-def tiny_granite(path: str, seed: int = 0) -> str:
-    """A 2-layer Granite: its forward divides lm_head's output by logits_scaling (and scales embeddings, residuals
-    and attention inside its body)."""
-    import torch
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    from tests.tiny_models import tiny_tokenizer
-
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    cfg = GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5,
-                        attention_multiplier=0.25, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id)
-    GraniteForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_scores_go_through_the_models_own_head_path(tmp_path):

@@ -28,6 +28,13 @@ def _rows(sch, text, n=1, max_tokens=4, **kw):
             for _ in range(n)]
 
 
+class Unmeasurable(list):
+    """A prompt whose length cannot be taken: it breaks scheduling."""
+
+    def __len__(self):
+        raise RuntimeError("cannot measure this prompt (test)")
+
+
 def _serve(sch, *requests, timeout=10.0):
     """Each request in turn, each within ``timeout`` (a request that never ends fails the test)."""
     async def go():
@@ -82,10 +89,6 @@ def test_the_loop_survives_a_bad_request_and_reports_unhealthy_when_it_cannot_go
     from app.serve.generate import Row, SamplingParams
     from app.serve.server import Replica
 
-    class Unmeasurable(list):
-        def __len__(self):
-            raise RuntimeError("cannot measure this prompt (test)")
-
     sch = _scheduler(hybrid)
     rep = Replica({"model": "unused", "model_name": "t", "api_key_env": None,
                    "batch": {"scheduler": "continuous"}}, engine=sch.engine)
@@ -122,10 +125,6 @@ def test_a_request_that_breaks_scheduling_ends_alone_among_waiting_ones(hybrid):
     """A request whose prompt cannot be measured waits beside a good one (both queued before the loop plans):
     only it ends with an error; the good one is served."""
     from app.serve.generate import Row, SamplingParams
-
-    class Unmeasurable(list):
-        def __len__(self):
-            raise RuntimeError("cannot measure this prompt (test)")
 
     sch = _scheduler(hybrid)
     bad = [Row(Unmeasurable([5, 6, 7]), SamplingParams(max_tokens=3))]

@@ -50,7 +50,7 @@ def reference(hf, ids, max_tokens):
     """transformers' greedy generate for one prompt (no batch, no padding): (text, finish_reason, tokens)."""
     import torch
 
-    from app.distill.student import generation_cache
+    from app.caches import generation_cache
 
     out = hf.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                             max_new_tokens=max_tokens, do_sample=False, cache=generation_cache(hf.model))

@@ -13,24 +13,7 @@ import time
 import pytest
 
 from tests.test_serve import ROOT, reference
-from tests.tiny_models import WORDS, tiny_hybrid, tiny_tokenizer
-
-
-def tiny_gpt2(path: str, n_positions: int = 64, seed: int = 0) -> str:
-    """A 1-layer GPT-2 whose context is ``n_positions`` tokens (learned positions: a longer input is an IndexError
-    in its embedding), with the word-level tokenizer (one token per word)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = GPT2LMHeadModel(cfg)
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+from tests.tiny_models import WORDS, tiny_gpt2, tiny_hybrid
 
 
 @pytest.fixture

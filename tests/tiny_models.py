@@ -1,4 +1,5 @@
-"""Tiny models built in the tests: a word-level tokenizer and a 2-layer Llama, saved with save_pretrained."""
+"""Tiny models built in the tests: a word-level tokenizer and Llama, GPT-2, Granite, Mamba-2 and hybrid models,
+saved with save_pretrained."""
 
 from __future__ import annotations
 
@@ -28,11 +29,43 @@ def tiny_llama(path: str, seed: int = 0) -> str:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
+    return _save(LlamaForCausalLM(cfg), tok, path)
+
+
+def _save(model, tok, path: str) -> str:
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_gpt2(path: str, n_positions: int = 64, seed: int = 0) -> str:
+    """A 1-layer GPT-2 whose context is ``n_positions`` tokens (learned positions: a longer input is an IndexError
+    in its embedding), with the word-level tokenizer (one token per word)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return _save(GPT2LMHeadModel(cfg), tok, path)
+
+
+def tiny_granite(path: str, seed: int = 0) -> str:
+    """A 2-layer Granite: its forward divides lm_head's output by logits_scaling (and scales embeddings, residuals
+    and attention inside its body)."""
+    import torch
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    cfg = GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5,
+                        attention_multiplier=0.25, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    return _save(GraniteForCausalLM(cfg), tok, path)
 
 
 DETOX_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]

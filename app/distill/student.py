@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional, Sequence, Union
 
-from app.caches import generation_cache  # noqa: F401 - it lives in app/caches.py (serving uses it too)
 from app.distill.init import copy_mismatch, mixer_from_attention, teacher_dims
 
 log = logging.getLogger(__name__)
